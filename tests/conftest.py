@@ -1,0 +1,32 @@
+"""Shared fixtures: the official MNIST files live in ../shared/data/mnist beside the clone."""
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_FILES = Path(os.environ.get("JAX_MNIST_TEST_FILES", REPO.parent / "shared" / "data" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_files() -> Path:
+    if not (MNIST_FILES / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"official MNIST files not found in {MNIST_FILES} (set JAX_MNIST_TEST_FILES)")
+    return MNIST_FILES
+
+
+@pytest.fixture(scope="session")
+def test_images_raw(mnist_files) -> np.ndarray:
+    """The first 64 MNIST test images, uint8 (64, 28, 28, 1), read with plain numpy."""
+    with gzip.open(mnist_files / "t10k-images-idx3-ubyte.gz") as f:
+        data = np.frombuffer(f.read(), np.uint8)
+    return data[16 : 16 + 64 * 784].reshape(64, 28, 28, 1)
+
+
+@pytest.fixture(scope="session")
+def test_batch(test_images_raw) -> np.ndarray:
+    """The same images normalised as in the study (mean 0.1307, std 0.3081), float32 NHWC."""
+    return ((test_images_raw / 255.0 - 0.1307) / 0.3081).astype(np.float32)

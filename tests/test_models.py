@@ -1,0 +1,116 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_mnist import models
+from jax_mnist.models import MODEL_NAMES, count_params, get_model, init_variables, summarize
+
+EXPECTED_PARAMS = {
+    "model_1_setup": 6_379_786,
+    "model_2_skeleton": 57_824,
+    "model_3_lighter_model": 7_690,
+    "model_4_batchnorm": 7_830,
+    "model_5_regularization": 7_830,
+    "model_6_gap": 7_430,
+    "model_7_max_capacity": 7_914,
+    "model_8_dropout_maxpool": 7_914,
+}
+
+
+def test_model_names_in_study_order():
+    assert MODEL_NAMES == tuple(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_count(name):
+    params = jax.eval_shape(lambda: init_variables(get_model(name), jax.random.key(0)))["params"]
+    assert count_params(params) == EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_receptive_field_and_summary_totals(name):
+    summary = summarize(name)
+    assert summary.receptive_field == (40 if name == "model_1_setup" else 28)
+    assert summary.total_params == EXPECTED_PARAMS[name]
+    assert sum(r.params for r in summary.rows) == summary.total_params
+    assert summary.rows[-1].output_shape[1:3] == (1, 1)
+
+
+def test_summary_rows_of_model_8_match_spec():
+    rows = summarize("model_8_dropout_maxpool").rows
+    got = [(r.name, r.output_shape[1:], r.params, r.receptive_field) for r in rows]
+    assert got == [
+        ("convblock1", (26, 26, 10), 110, 3),
+        ("convblock2", (24, 24, 20), 1840, 5),
+        ("pool1", (12, 12, 20), 0, 6),
+        ("convblock4", (10, 10, 10), 1820, 10),
+        ("convblock5", (8, 8, 20), 1840, 14),
+        ("pool2", (4, 4, 20), 0, 16),
+        ("convblock7", (2, 2, 12), 2184, 24),
+        ("gap", (1, 1, 12), 0, 28),
+        ("convblock8", (1, 1, 10), 120, 28),
+    ]
+    assert rows[0].kind == "conv3x3-relu-bn-dropout(0.01)"
+    text = summarize("model_8_dropout_maxpool").format()
+    assert "trainable params: 7,914" in text and "receptive field at the output: 28" in text
+
+
+def test_summary_receptive_fields_of_model_2_match_spec():
+    rfs = [r.receptive_field for r in summarize("model_2_skeleton").rows]
+    assert rfs == [3, 5, 6, 10, 14, 16, 16, 28]
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "model_1_setup"] + ["model_1_setup"])
+def test_shapes_and_normalised_output(name, test_batch):
+    model = get_model(name)
+    variables = init_variables(model, jax.random.key(1))
+    logp = model.apply(variables, test_batch[:8], train=False)
+    assert logp.shape == (8, 10)
+    np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
+    out, updates = model.apply(variables, test_batch[:8], train=True, rngs={"dropout": jax.random.key(2)},
+                               mutable=["batch_stats"])  # fmt: skip
+    assert out.shape == (8, 10)
+
+
+def test_train_mode_updates_running_stats_like_pytorch(test_batch):
+    """Running variance uses the unbiased batch variance, momentum 0.1 (PyTorch semantics)."""
+    model = get_model("model_4_batchnorm")
+    variables = init_variables(model, jax.random.key(0))
+    _, updates = model.apply(variables, test_batch[:16], train=True, mutable=["batch_stats"])
+    stats = updates["batch_stats"]["convblock1"]["bn"]
+    conv = variables["params"]["convblock1"]["conv"]["kernel"]
+    y = jax.lax.conv_general_dilated(test_batch[:16], conv, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    y = np.asarray(y).reshape(-1, y.shape[-1])
+    np.testing.assert_allclose(stats["mean"], 0.1 * y.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * y.var(0, ddof=1), rtol=1e-4)
+
+
+def test_dropout_uses_dropout_rng_and_override_disables_it(test_batch):
+    model = get_model("model_5_regularization")
+    variables = init_variables(model, jax.random.key(0))
+    run = lambda m, k: m.apply(variables, test_batch[:8], train=True, rngs={"dropout": jax.random.key(k)},
+                               mutable=["batch_stats"])[0]  # fmt: skip
+    assert not np.allclose(run(model, 1), run(model, 2))
+    off = get_model("model_5_regularization", dropout_rate=0.0)
+    np.testing.assert_array_equal(run(off, 1), run(off, 2))
+    with pytest.raises(Exception, match="dropout"):
+        model.apply(variables, test_batch[:8], train=True, mutable=["batch_stats"])
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="model_8_dropout_maxpool") as e:
+        get_model("model_9")
+    assert "model_9" in str(e.value)
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(ValueError, match="dropout_rate"):
+        get_model("model_8_dropout_maxpool", drop=0.1)
+
+
+def test_count_params_ignores_batch_stats():
+    variables = init_variables(get_model("model_4_batchnorm"), jax.random.key(0))
+    assert count_params(variables["params"]) == 7830
+    assert count_params(variables["batch_stats"]) == 140  # means and variances: state, not params

@@ -1,0 +1,74 @@
+"""The Flax models compute the same function as the PyTorch originals (within 1e-5)."""
+
+import numpy as np
+import pytest
+
+import torch  # a test dependency (the `test` extra); parity is a core test, never skipped
+
+from jax_mnist.models import MODEL_NAMES, get_model, load_torch_state_dict  # noqa: E402
+from tests.torch_reference import randomize, torch_model  # noqa: E402
+
+TOL = 1e-5
+
+
+def _torch_logp(model, batch_nhwc, train):
+    model.train(train)
+    if train:  # batch-statistics BatchNorm, dropout off
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(batch_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parity_with_pytorch(name, test_batch):
+    torch.manual_seed(0)
+    reference = randomize(torch_model(name), seed=1)
+    variables = load_torch_state_dict(name, reference.state_dict())
+    model = get_model(name, dropout_rate=0.0)
+    eval_diff = np.abs(np.asarray(model.apply(variables, test_batch, train=False))
+                       - _torch_logp(reference, test_batch, train=False)).max()  # fmt: skip
+    train_out, updates = model.apply(variables, test_batch, train=True, mutable=["batch_stats"])
+    train_diff = np.abs(np.asarray(train_out) - _torch_logp(reference, test_batch, train=True)).max()
+    print(f"{name}: max |diff| eval {eval_diff:.2e} train {train_diff:.2e}")
+    assert eval_diff < TOL
+    assert train_diff < TOL
+    # After one train-mode pass, running statistics agree with PyTorch's (unbiased var update).
+    for key, value in reference.state_dict().items():
+        if key.endswith("running_var"):
+            block = key.split(".")[0]
+            np.testing.assert_allclose(updates["batch_stats"][block]["bn"]["var"], value.numpy(), rtol=1e-4)
+
+
+def test_pt_file_is_read_with_weights_only(tmp_path):
+    reference = torch_model("model_8_dropout_maxpool")
+    path = tmp_path / "model8.pt"
+    torch.save(reference.state_dict(), path)
+    variables = load_torch_state_dict("model_8_dropout_maxpool", path)
+    np.testing.assert_allclose(
+        variables["params"]["convblock1"]["conv"]["kernel"],
+        reference.convblock1[0].weight.detach().numpy().transpose(2, 3, 1, 0),
+    )
+    # A pickle holding arbitrary objects is refused by weights_only loading.
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": object()}, bad)
+    with pytest.raises(Exception):
+        load_torch_state_dict("model_8_dropout_maxpool", bad)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named():
+    state = {k: v.numpy() for k, v in torch_model("model_7_max_capacity").state_dict().items()}
+    missing = dict(state)
+    del missing["convblock4.0.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['convblock4.0.weight'\]"):
+        load_torch_state_dict("model_7_max_capacity", missing)
+    extra = dict(state, **{"fc.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['fc.weight'\]"):
+        load_torch_state_dict("model_7_max_capacity", extra)
+    wrong = dict(state, **{"convblock7.0.weight": np.zeros((10, 20, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"'convblock7.0.weight' has shape \(10, 20, 3, 3\), expected \(12, 20, 3, 3\)"):
+        load_torch_state_dict("model_7_max_capacity", wrong)
+    # Model 8's checkpoint has BatchNorm at index 2 (conv, ReLU, BN): model 7's layout is refused.
+    with pytest.raises(ValueError, match="convblock1.2.weight"):
+        load_torch_state_dict("model_8_dropout_maxpool", state)
