@@ -16,6 +16,40 @@ def cmd_summary(args) -> None:
     print(summarize(args.model).format())
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="tfds data dir (default $JAX_MNIST_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    g.add_argument("--mnist-files", help="directory with the four official MNIST .gz files (default $JAX_MNIST_FILES, "
+                   "else <data-dir>/downloads/manual)")  # fmt: skip
+    g.add_argument("--no-download", action="store_true", help="never try tfds' network download")
+
+
+def load_data(args):
+    from jax_mnist.data import load_mnist
+
+    return load_mnist(args.data_dir, args.mnist_files, download=not args.no_download)
+
+
+def cmd_data(args) -> None:
+    import time
+
+    start = time.perf_counter()
+    mnist = load_data(args)
+    seconds = time.perf_counter() - start
+    pixels = mnist.train_images / 255.0
+    print(f"train {mnist.train_images.shape} test {mnist.test_images.shape}; "
+          f"train pixel mean {pixels.mean():.4f} std {pixels.std():.4f}; loaded in {seconds:.2f} s")  # fmt: skip
+
+
+def cmd_show_augment(args) -> None:
+    from jax_mnist.augment_grid import write_augment_grid
+
+    mnist = load_data(args)
+    write_augment_grid(args.out, mnist.test_images[: args.images], args.copies, args.seed,
+                       degrees=args.degrees, translate=args.translate, scale=tuple(args.scale))  # fmt: skip
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_mnist.models import MODEL_NAMES
 
@@ -25,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="per-layer table: kind, output shape, parameters, receptive field")
     p.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=f"one of: {', '.join(MODEL_NAMES)}")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("data", help="load (and on first use prepare) MNIST through tfds; print shapes and timing")
+    add_data_options(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("show-augment", help="PNG grid: test images (left column) and augmented copies")
+    add_data_options(p)
+    p.add_argument("--out", default="augment.png", help="PNG path (default augment.png)")
+    p.add_argument("--images", type=int, default=8, help="rows: how many test images")
+    p.add_argument("--copies", type=int, default=8, help="augmented copies per image")
+    p.add_argument("--degrees", type=float, default=7.0, help="rotation range +-degrees")
+    p.add_argument("--translate", type=float, default=0.0, help="affine translation, fraction of the size")
+    p.add_argument("--scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_show_augment)
     return parser
 
 
@@ -33,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

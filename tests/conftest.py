@@ -30,3 +30,20 @@ def test_images_raw(mnist_files) -> np.ndarray:
 def test_batch(test_images_raw) -> np.ndarray:
     """The same images normalised as in the study (mean 0.1307, std 0.3081), float32 NHWC."""
     return ((test_images_raw / 255.0 - 0.1307) / 0.3081).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory, mnist_files) -> Path:
+    """A fresh tfds data dir, prepared once per test session from the official files."""
+    from jax_mnist.data import load_mnist
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    load_mnist(data_dir, mnist_files, download=False)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_data_dir):
+    from jax_mnist.data import load_mnist
+
+    return load_mnist(mnist_data_dir, download=False)

@@ -16,3 +16,20 @@ def test_summary_unknown_model_is_one_line_error():
     assert proc.returncode == 2
     assert "invalid choice: 'model_9'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_show_augment_writes_png(tmp_path, mnist_data_dir):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["show-augment", "--data-dir", str(mnist_data_dir), "--no-download", "--out", str(out),
+                 "--images", "3", "--copies", "4"]) == 0  # fmt: skip
+    grid = Image.open(out)
+    assert grid.size == ((5 * 30 + 2) * 3, (3 * 30 + 2) * 3)
+
+
+def test_data_command_bad_directory_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "data", "--data-dir", str(tmp_path),
+                           "--mnist-files", str(tmp_path / "nope")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"jax-mnist data: error: {tmp_path / 'nope'}: MNIST files directory not found"
