@@ -50,6 +50,24 @@ def cmd_show_augment(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_train(args) -> None:
+    from jax_mnist.recipes import get_recipe, with_overrides
+    from jax_mnist.run import train
+
+    overrides = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in args.set)
+    for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    recipe = with_overrides(get_recipe(args.recipe), overrides)
+    out = args.out or f"runs/{recipe.name}-seed{args.seed}"
+    data = load_data(args)
+    print(f"training {recipe.name} ({recipe.model}) seed {args.seed} -> {out}")
+    try:
+        train(recipe, data, out, seed=args.seed, resume=args.resume, train_examples=args.train_examples)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; the last complete epoch is checkpointed: continue with --resume --out {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_mnist.models import MODEL_NAMES
 
@@ -74,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_show_augment)
+
+    from jax_mnist.recipes import RECIPE_NAMES
+
+    p = sub.add_parser("train", help="train a recipe; metrics.jsonl, config.json and checkpoints in --out")
+    p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, metavar="NAME", help=f"one of: {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (the peak for OneCycle recipes)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any recipe field, e.g. --set schedule=onecycle --set degrees=10")  # fmt: skip
+    p.add_argument("--out", help="run directory (default runs/<recipe>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--train-examples", type=int, help="train on the first N training examples only")
+    add_data_options(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -47,3 +47,17 @@ def mnist(mnist_data_dir):
     from jax_mnist.data import load_mnist
 
     return load_mnist(mnist_data_dir, download=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache per test session, shared with subprocesses: recompiling the
+    same training step (a new Engine per run) then costs a cache read, not a compile."""
+    import jax
+
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    yield path

@@ -1,0 +1,205 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_mnist.recipes import get_recipe, with_overrides
+from jax_mnist.run import NonFiniteLoss, RunError, train
+from jax_mnist.train import Engine
+
+# A small but real configuration: model 8 with dropout, StepLR, rotation, 1,000 examples.
+SUBSET = 1000
+SMALL = {"epochs": 3, "batch_size": 128, "step_size": 2}
+EPOCH_KEYS = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds"]
+
+
+def small_recipe(**extra):
+    return with_overrides(get_recipe("final"), {**SMALL, **extra})
+
+
+def numbers(history):
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+
+
+def final_params(out):
+    from jax_mnist.run import _checkpoint_manager, restore_state
+
+    recipe = small_recipe()
+    manager = _checkpoint_manager(out)
+    like = Engine.from_recipe(recipe, SUBSET).init(jax.random.key(0))
+    state = restore_state(manager, manager.latest_step(), like)
+    return jax.tree_util.tree_map(np.asarray, state)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("straight")
+    history = train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, log=lambda s: None)
+    return out, history
+
+
+def test_metrics_file_and_config(straight_run):
+    out, history = straight_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == history and [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(list(r) == EPOCH_KEYS for r in rows)
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01], rel=1e-6)  # StepLR(step 2, gamma 0.1)
+    assert all(0 <= r["test_accuracy"] <= 100 and 0 <= r["train_accuracy"] <= 100 for r in rows)
+    assert rows[-1]["test_accuracy"] > 50  # it learns, even from 1,000 images
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["name"] == "final" and config["recipe"]["epochs"] == 3
+    assert config["seed"] == 1 and config["train_examples"] == SUBSET
+    assert {"jax", "flax", "optax"} <= set(config["versions"]) and config["device"]["platform"]
+
+
+def test_same_seed_same_metrics_other_seed_differs(straight_run, mnist, tmp_path):
+    _, history = straight_run
+    recipe = with_overrides(small_recipe(), {"epochs": 1})
+    again = train(recipe, mnist, tmp_path / "again", seed=1, train_examples=SUBSET, log=lambda s: None)
+    other = train(recipe, mnist, tmp_path / "other", seed=2, train_examples=SUBSET, log=lambda s: None)
+    # The first epoch of a 1-epoch and a 3-epoch StepLR run are the same computation.
+    assert numbers(again) == numbers(history[:1])
+    assert numbers(other) != numbers(history[:1])
+
+
+def test_interrupted_then_resumed_equals_straight(straight_run, mnist, tmp_path):
+    out_straight, history = straight_run
+    out = tmp_path / "interrupted"
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, log=lambda s: None, on_epoch_end=stop_after_two)
+    resumed = train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, resume=True, log=lambda s: None)
+    assert numbers(resumed) == numbers(history)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_straight(straight_run, mnist_data_dir, tmp_path):
+    out_straight, history = straight_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final", "--seed", "1", "--out", str(out),
+           "--train-examples", str(SUBSET), "--data-dir", str(mnist_data_dir), "--no-download",
+           "--epochs", "3", "--batch-size", "128", "--set", "step_size=2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Kill it as soon as epoch 1 is reported (its checkpoint is complete then): epoch 2 is under way.
+    for line in proc.stdout:
+        if line.startswith("epoch  1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert len((out / "metrics.jsonl").read_text().splitlines()) in (1, 2)
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from the checkpoint of epoch" in done.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert numbers(rows) == numbers(history)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
+
+
+def test_a_few_steps_reduce_the_loss(mnist):
+    engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": 64}), 64)
+    state = engine.init(jax.random.key(0))
+    images, labels = jnp.asarray(mnist.train_images[:64]), jnp.asarray(mnist.train_labels[:64])
+    losses = []
+    for step in range(8):
+        state, metrics = engine.train_step(state, images, labels, jax.random.key(step))
+        losses.append(float(metrics["loss_sum"]) / 64)
+    assert losses[-1] < 0.8 * losses[0]
+    assert int(state.step) == 8
+
+
+def test_evaluation_counts_every_test_image(mnist):
+    """Batch sizes that do not divide 10,000 still score every image, with the same loss and accuracy."""
+    from jax_mnist.train import normalize, preprocess
+
+    engine = Engine.from_recipe(get_recipe("model_4_batchnorm"), 60_000)
+    state = engine.init(jax.random.key(0))
+    logp = engine.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              normalize(preprocess(jnp.asarray(mnist.test_images))), train=False)  # fmt: skip
+    expected_accuracy = 100.0 * float(jnp.mean(jnp.argmax(logp, -1) == mnist.test_labels))
+    expected_loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(mnist.test_labels)[:, None], -1)))
+    for eval_batch_size in (3000, 4096):
+        engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"eval_batch_size": eval_batch_size}), 60_000)
+        result = engine.evaluate(state, mnist.test_images, mnist.test_labels)
+        assert result["count"] == 10_000
+        assert result["accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_epoch_uses_every_example_once_with_a_short_last_batch(mnist):
+    n, batch = 300, 128  # 2 full batches and one of 44
+    engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n)
+    state = engine.init(jax.random.key(0))
+    state, sums = engine.train_epoch(state, jnp.asarray(mnist.train_images[:n]), jnp.asarray(mnist.train_labels[:n]),
+                                     jax.random.key(1), 0)  # fmt: skip
+    assert int(sums["count"]) == n and int(state.step) == 3
+
+
+def test_non_finite_loss_stops_the_run(mnist, tmp_path):
+    recipe = with_overrides(get_recipe("model_3_lighter_model"), {"epochs": 2, "batch_size": 100, "lr": 1e8})
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped"):
+        train(recipe, mnist, tmp_path / "nan", train_examples=500, log=lambda s: None)
+    assert (tmp_path / "nan" / "metrics.jsonl").read_text() == ""  # nothing recorded for the bad epoch
+
+
+def test_foreign_or_existing_run_directory_is_refused(straight_run, mnist, tmp_path):
+    out, _ = straight_run
+    before = (out / "metrics.jsonl").read_text()
+    other = with_overrides(get_recipe("final_onecycle"), SMALL)
+    with pytest.raises(RunError, match="holds a different run .*'final'"):
+        train(other, mnist, out, seed=1, train_examples=SUBSET)
+    with pytest.raises(RunError, match="already holds this run; pass --resume"):
+        train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET)
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_bad_arguments(mnist, tmp_path):
+    with pytest.raises(ValueError, match="epochs must be >= 1, found 0"):
+        with_overrides(get_recipe("final"), {"epochs": "0"})
+    with pytest.raises(ValueError, match="batch_size must be >= 1, found 0"):
+        with_overrides(get_recipe("final"), {"batch_size": 0})
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        get_recipe("nope")
+    with pytest.raises(ValueError, match=r"unknown recipe field\(s\) \['colour'\]"):
+        with_overrides(get_recipe("final"), {"colour": "red"})
+    with pytest.raises(ValueError, match="lr takes a float, found 'fast'"):
+        with_overrides(get_recipe("final"), {"lr": "fast"})
+    with pytest.raises(RunError, match="batch size 512 is larger than the 100 training examples"):
+        train(with_overrides(get_recipe("final"), {"batch_size": 512}), mnist, tmp_path / "x", train_examples=100)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "nope"], "invalid choice: 'nope'"),
+    (["--recipe", "final", "--epochs", "0"], "epochs must be >= 1, found 0"),
+    (["--recipe", "final", "--batch-size", "0"], "batch_size must be >= 1, found 0"),
+    (["--recipe", "final", "--batch-size", "70000"], "batch size 70000 is larger than the 60000 training examples"),
+    (["--recipe", "final", "--set", "warp=9"], "unknown recipe field(s) ['warp']"),
+])  # fmt: skip
+def test_cli_errors_are_one_line(args, message, mnist_data_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "train", *args, "--out", str(tmp_path / "o"),
+                           "--data-dir", str(mnist_data_dir), "--no-download"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_smoke_run(mnist_data_dir, tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "train", "--recipe", "model_6_gap", "--epochs", "1",
+                           "--train-examples", "512", "--batch-size", "128", "--out", str(out),
+                           "--data-dir", str(mnist_data_dir), "--no-download"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch  1/1" in proc.stdout
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert list(row) == EPOCH_KEYS and row["lr"] == 0.01
+    assert (out / "checkpoints" / "1").is_dir()
