@@ -68,6 +68,18 @@ def cmd_train(args) -> None:
         raise UserError(f"interrupted; the last complete epoch is checkpointed: continue with --resume --out {out}")
 
 
+def cmd_bench(args) -> None:
+    from jax_mnist.bench import format_result, run_benchmark, write_json
+
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    result = run_benchmark(args.recipe, args.batch_size, args.steps, args.warmup, args.compare_torch,
+                           epoch=not args.no_epoch, overrides=overrides)  # fmt: skip
+    print(format_result(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_mnist.models import MODEL_NAMES
 
@@ -108,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-examples", type=int, help="train on the first N training examples only")
     add_data_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="compile and step times of a recipe's training step (optionally vs PyTorch)")
+    p.add_argument("--recipe", default="final", choices=RECIPE_NAMES, metavar="NAME", help="default final (model 8)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compare-torch", action="store_true", help="time the same network in PyTorch eager too")
+    p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
+    p.add_argument("--json", help="write all figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

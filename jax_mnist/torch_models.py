@@ -1,4 +1,4 @@
-"""The eight original PyTorch models, written as in the S7 notebooks, for parity tests.
+"""The eight original PyTorch models, written as in the S7 notebooks (needs torch: tests, benchmarks).
 
 Key layout matches ``shared/spec/s7_study.md``: model 1 has ``conv1`` ... ``conv7``;
 models 2-8 have ``convblockN`` nn.Sequentials (conv first), pools ``pool1``/``pool2``,

@@ -1,0 +1,204 @@
+"""Step-time benchmark of the training engine, optionally beside PyTorch in the same process.
+
+Figures (all measured here, none typed in):
+- cold compile: lowering and compiling the train step of a new engine, empty persistent cache;
+- warm compile: the same for another new engine, served by the persistent cache;
+- train step: median and spread over ``steps`` steps after ``warmup``, blocking on the result
+  before reading the clock;
+- eval throughput over the 10,000-image test set size;
+- one full epoch (60,000 images) through ``Engine.train_epoch``;
+- with ``compare_torch``: the same architecture's training step in PyTorch eager (same batch,
+  same thread count), and the ratio ``speedup`` = JAX images/s / PyTorch images/s.
+
+Data are random uint8 images of MNIST's shape: the timings do not depend on pixel values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mnist.recipes import get_recipe, with_overrides
+from jax_mnist.train import Engine
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def _spread(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        "median_s": statistics.median(ordered),
+        "p10_s": ordered[len(ordered) // 10],
+        "p90_s": ordered[(len(ordered) * 9) // 10],
+        "n": len(ordered),
+    }
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_COMPILE_SNIPPET = """
+import json, sys, time
+import jax, jax.numpy as jnp
+from jax_mnist.recipes import Recipe
+from jax_mnist.train import Engine
+recipe = Recipe(**json.loads(sys.argv[1]))
+engine = Engine.from_recipe(recipe, 60_000)
+state = engine.init(jax.random.key(0))
+images = jnp.zeros((recipe.batch_size, 28, 28, 1), jnp.uint8)
+labels = jnp.zeros((recipe.batch_size,), jnp.int32)
+start = time.perf_counter()
+engine.train_step.lower(state, images, labels, jax.random.key(0)).compile()
+print(json.dumps(time.perf_counter() - start))
+"""
+
+
+def _compile_in_subprocess(recipe, cache_dir: str) -> float:
+    """Seconds to lower and compile the train step in a fresh process using ``cache_dir``."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET, json.dumps(dataclasses.asdict(recipe))],
+                         env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_jax(recipe_name: str, batch_size: int, steps: int, warmup: int, epoch: bool, overrides=None) -> dict:
+    recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32))
+    key = jax.random.key(0)
+    result: dict = {"recipe": recipe.name, "model": recipe.model, "batch_size": batch_size}
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        # New processes, so that nothing is cached in memory: the first against an empty
+        # persistent cache (cold), the second against the cache the first filled (warm).
+        result["cold_compile_s"] = _compile_in_subprocess(recipe, cache_dir)
+        result["warm_compile_s"] = _compile_in_subprocess(recipe, cache_dir)
+    engine = Engine.from_recipe(recipe, 60_000)
+    state = engine.init(key)
+
+    for i in range(warmup):
+        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, i))
+    jax.block_until_ready(state)
+    seconds = []
+    for i in range(steps):
+        start = time.perf_counter()
+        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, i))
+        jax.block_until_ready(state)
+        seconds.append(time.perf_counter() - start)
+    result["train_step"] = _spread(seconds)
+    result["jax_images_per_s"] = batch_size / result["train_step"]["median_s"]
+
+    test_images = jnp.asarray(rng.integers(0, 256, (10_000, 28, 28, 1), dtype=np.uint8))
+    test_labels = jnp.asarray(rng.integers(0, 10, (10_000,), dtype=np.int32))
+    engine.evaluate(state, test_images, test_labels)  # compile
+    eval_seconds = statistics.median(_timed(lambda: engine._evaluate_jit(state.params, state.batch_stats,
+                                                                        test_images, test_labels)) for _ in range(3))  # fmt: skip
+    result["eval_images_per_s"] = 10_000 / eval_seconds
+
+    if epoch:
+        train_images = jnp.asarray(rng.integers(0, 256, (60_000, 28, 28, 1), dtype=np.uint8))
+        train_labels = jnp.asarray(rng.integers(0, 10, (60_000,), dtype=np.int32))
+        # train_epoch donates its state: each call gets a fresh one.
+        result["epoch_compile_s"] = _timed(lambda: engine.train_epoch(engine.init(key), train_images, train_labels, key, 0)[1])
+        result["epoch_s"] = _timed(lambda: engine.train_epoch(engine.init(key), train_images, train_labels, key, 1)[1])
+    return result
+
+
+def bench_torch(model_name: str, batch_size: int, steps: int, warmup: int, lr: float = 0.1) -> dict:
+    import torch
+
+    from jax_mnist.torch_models import torch_model
+
+    torch.set_num_threads(_threads())
+    torch.manual_seed(0)
+    model = torch_model(model_name).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    images = torch.randn(batch_size, 1, 28, 28)
+    labels = torch.randint(0, 10, (batch_size,))
+
+    def step():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.nll_loss(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    spread = _spread(seconds)
+    return {"train_step": spread, "torch_images_per_s": batch_size / spread["median_s"],
+            "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30, warmup: int = 5,
+                  compare_torch: bool = False, epoch: bool = True, overrides=None) -> dict:  # fmt: skip
+    import flax
+    import optax
+
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "threads_used": _threads()},  # fmt: skip
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},  # fmt: skip
+        "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
+                   "count": jax.device_count()},  # fmt: skip
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    result["jax"] = bench_jax(recipe, batch_size, steps, warmup, epoch, overrides)
+    result["jax_images_per_s"] = result["jax"]["jax_images_per_s"]
+    if compare_torch:
+        result["torch"] = bench_torch(result["jax"]["model"], batch_size, steps, warmup)
+        result["torch_images_per_s"] = result["torch"]["torch_images_per_s"]
+        result["speedup"] = result["jax_images_per_s"] / result["torch_images_per_s"]
+    return result
+
+
+def format_result(result: dict) -> str:
+    j = result["jax"]
+    lines = [
+        f"{j['recipe']} ({j['model']}), batch {j['batch_size']}, device {result['device']['kind']} "
+        f"x{result['device']['count']}, {result['machine']['threads_used']} threads",
+        f"  compile: cold {j['cold_compile_s']:.2f} s, warm (persistent cache) {j['warm_compile_s']:.2f} s",
+        f"  JAX train step: median {j['train_step']['median_s'] * 1e3:.1f} ms "
+        f"(p10 {j['train_step']['p10_s'] * 1e3:.1f}, p90 {j['train_step']['p90_s'] * 1e3:.1f}) "
+        f"= {result['jax_images_per_s']:.0f} images/s",
+        f"  eval: {j['eval_images_per_s']:.0f} images/s",
+    ]
+    if "epoch_s" in j:
+        lines.append(f"  one epoch (60,000 images, compiled scan): {j['epoch_s']:.1f} s "
+                     f"(first call incl. compile {j['epoch_compile_s']:.1f} s)")  # fmt: skip
+    if "torch" in result:
+        t = result["torch"]["train_step"]
+        lines.append(f"  PyTorch {result['torch']['torch_version']} eager train step: median {t['median_s'] * 1e3:.1f} ms "
+                     f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = {result['torch_images_per_s']:.0f} images/s")  # fmt: skip
+        lines.append(f"  speedup JAX / PyTorch: {result['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
