@@ -166,7 +166,10 @@ def train(
         started = time.perf_counter()
         lr = float(lr_schedule(epoch * per_epoch))
         progress.start_epoch(epoch)
-        state, sums = engine.train_epoch(state, train_images, train_labels, step_key, epoch, progress=progress)
+        # The bar is a host callback inside the compiled epoch, and XLA's persistent cache does not
+        # store programs with host callbacks: only pay for it where someone watches a terminal.
+        state, sums = engine.train_epoch(state, train_images, train_labels, step_key, epoch,
+                                         progress=progress if progress.enabled else None)  # fmt: skip
         train_loss = float(sums["loss_sum"]) / int(sums["count"])
         progress.close()
         if not math.isfinite(train_loss):

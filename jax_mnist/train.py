@@ -17,8 +17,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_mnist import augment as augment_lib
 from jax_mnist import schedules
@@ -112,10 +114,14 @@ class Engine:
     augment: Callable[[jax.Array, jax.Array], jax.Array]
     batch_size: int
     eval_batch_size: int
+    # Data parallelism: batches are split over this 1-D mesh (axis "data"); None on one device.
+    mesh: Mesh | None = None
     _epoch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, num_train_examples: int) -> "Engine":
+    def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> "Engine":
+        """``devices``: the devices to split batches over (default: all local devices)."""
+        devices = jax.local_devices() if devices is None else list(devices)
         overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
         return cls(
             model=get_model(recipe.model, **overrides),
@@ -123,7 +129,19 @@ class Engine:
             augment=make_augment(recipe),
             batch_size=recipe.batch_size,
             eval_batch_size=recipe.eval_batch_size,
+            mesh=Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None,
         )
+
+    def shard_batch(self, *arrays):
+        """Split arrays along their first (batch) axis over the mesh; a no-op on one device.
+
+        The computation keeps its global meaning (BatchNorm statistics stay over the
+        whole batch): XLA inserts the cross-device reductions.
+        """
+        if self.mesh is None or arrays[0].shape[0] % self.mesh.size:
+            return arrays
+        sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
 
     def init(self, key: jax.Array) -> TrainState:
         variables = init_variables(self.model, key)
@@ -148,6 +166,7 @@ class Engine:
         return nll.mean(), (logp, updates.get("batch_stats", batch_stats))
 
     def _train_step(self, state: TrainState, images_uint8, labels, key):
+        images_uint8, labels = self.shard_batch(images_uint8, labels)
         augment_key, dropout_key = jax.random.split(key)
         images = normalize(self.augment(augment_key, preprocess(images_uint8)))
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
@@ -216,7 +235,7 @@ class Engine:
         shape = (batches, self.eval_batch_size)
 
         def body(carry, batch):
-            x, y, m = batch
+            x, y, m = self.shard_batch(*batch)
             logp = self.model.apply({"params": params, "batch_stats": batch_stats}, normalize(preprocess(x)), train=False)
             nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
             loss_sum, correct, count = carry

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: model 8, batch 256, variants timed in one process.
+
+Prints the median time of: the forward pass (train mode), forward+backward, the full step
+(augmentation, optimizer), and the step without dropout / without augmentation / with the XLA
+convolution instead of im2col / with the rbg PRNG instead of threefry; each with its compile time.
+Usage: python scripts/profile_step.py [STEPS]
+"""
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mnist.recipes import get_recipe, with_overrides
+from jax_mnist.train import Engine, normalize, preprocess
+
+STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+BATCH = 256
+rng = np.random.default_rng(0)
+images = jnp.asarray(rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8))
+labels = jnp.asarray(rng.integers(0, 10, (BATCH,), dtype=np.int32))
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def engine_for(**overrides):
+    conv_impl = overrides.pop("conv_impl", None)
+    engine = Engine.from_recipe(with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides}), 60_000)
+    if conv_impl:
+        engine = Engine(engine.model.clone(conv_impl=conv_impl), engine.tx, engine.augment, BATCH, 1000, engine.mesh)
+    return engine
+
+
+def report(name, compile_s, step_s):
+    print(f"{name:<44} compile {compile_s:6.2f} s   median {step_s * 1e3:7.1f} ms   {BATCH / step_s:7.0f} images/s")
+
+
+base = engine_for()
+state = base.init(jax.random.key(0))
+x = normalize(preprocess(images))
+key = jax.random.key(1)
+forward = jax.jit(lambda s, x, k: base.loss_fn(s.params, s.batch_stats, x, labels, k)[0])
+report("forward (train mode, dropout)", *timed(forward, state, x, key))
+grad = jax.jit(lambda s, x, k: jax.grad(base.loss_fn, has_aux=True)(s.params, s.batch_stats, x, labels, k)[0])
+report("forward + backward", *timed(grad, state, x, key))
+step = jax.jit(base._train_step)
+report("full step (augment, fwd, bwd, SGD)", *timed(step, state, images, labels, key))
+for name, kwargs, step_key in [
+    ("  without dropout", {"dropout_rate": 0.0}, key),
+    ("  without augmentation", {"augment": "none"}, key),
+    ("  XLA conv instead of im2col", {"conv_impl": "xla"}, key),
+    ("  rbg PRNG instead of threefry", {}, jax.random.key(1, impl="rbg")),
+]:
+    engine = engine_for(**kwargs)
+    report(name, *timed(jax.jit(engine._train_step), engine.init(jax.random.key(0)), images, labels, step_key))
