@@ -79,17 +79,15 @@ RECIPES["final"] = Recipe(
 # Chosen by experiment (see README "Results"): OneCycle to a peak of 0.15 at 20% of the run
 # (from 0.015, down to 0.00015), cosine annealing, momentum cycled 0.95-0.85-0.95, rotation +-7
 # degrees applied on the device.
-RECIPES["final_onecycle"] = Recipe(
+RECIPES["final_onecycle"] = dataclasses.replace(
+    RECIPES["final"],
     name="final_onecycle",
-    model="model_8_dropout_maxpool",
     lr=0.15,
     schedule="onecycle",
     pct_start=0.2,
     div_factor=10.0,
     final_div_factor=100.0,
     cycle_momentum=True,
-    augment="rotate",
-    degrees=7.0,
 )
 RECIPE_NAMES = tuple(RECIPES)
 

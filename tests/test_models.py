@@ -114,3 +114,9 @@ def test_count_params_ignores_batch_stats():
     variables = init_variables(get_model("model_4_batchnorm"), jax.random.key(0))
     assert count_params(variables["params"]) == 7830
     assert count_params(variables["batch_stats"]) == 140  # means and variances: state, not params
+
+
+def test_unknown_conv_impl_is_refused(test_batch):
+    model = get_model("model_3_lighter_model", conv_impl="fft")
+    with pytest.raises(ValueError, match="conv_impl must be one of \\['im2col', 'xla'\\], found 'fft'"):
+        model.init(jax.random.key(0), test_batch[:1])

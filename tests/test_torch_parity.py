@@ -21,17 +21,18 @@ def _torch_logp(model, batch_nhwc, train):
         return model(torch.from_numpy(batch_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
 
 
+@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_parity_with_pytorch(name, test_batch):
+def test_parity_with_pytorch(name, conv_impl, test_batch):
     torch.manual_seed(0)
     reference = randomize(torch_model(name), seed=1)
     variables = load_torch_state_dict(name, reference.state_dict())
-    model = get_model(name, dropout_rate=0.0)
+    model = get_model(name, dropout_rate=0.0, conv_impl=conv_impl)
     eval_diff = np.abs(np.asarray(model.apply(variables, test_batch, train=False))
                        - _torch_logp(reference, test_batch, train=False)).max()  # fmt: skip
     train_out, updates = model.apply(variables, test_batch, train=True, mutable=["batch_stats"])
     train_diff = np.abs(np.asarray(train_out) - _torch_logp(reference, test_batch, train=True)).max()
-    print(f"{name}: max |diff| eval {eval_diff:.2e} train {train_diff:.2e}")
+    print(f"{name} ({conv_impl}): max |diff| eval {eval_diff:.2e} train {train_diff:.2e}")
     assert eval_diff < TOL
     assert train_diff < TOL
     # After one train-mode pass, running statistics agree with PyTorch's (unbiased var update).
