@@ -346,7 +346,3 @@ def _check_loaded(mnist: Mnist, where: Path) -> None:
                 f"found {images.shape} and {labels.shape}"
             )
 
-
-def normalize(images_uint8):
-    """uint8 pixels -> float32, standardised with the training mean and std (works on numpy or jax arrays)."""
-    return (images_uint8.astype("float32") / 255.0 - MEAN) / STD
