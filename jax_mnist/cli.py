@@ -24,6 +24,14 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-download", action="store_true", help="never try tfds' network download")
 
 
+def parse_set(pairs: list[str]) -> dict[str, str]:
+    """``--set FIELD=VALUE`` options as a dict (values are parsed by the recipe)."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise UserError(f"--set takes FIELD=VALUE, found {bad[0]!r}")
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
 def load_data(args):
     from jax_mnist.data import load_mnist
 
@@ -54,7 +62,7 @@ def cmd_train(args) -> None:
     from jax_mnist.recipes import get_recipe, with_overrides
     from jax_mnist.run import train
 
-    overrides = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in args.set)
+    overrides = parse_set(args.set)
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -71,7 +79,7 @@ def cmd_train(args) -> None:
 def cmd_bench(args) -> None:
     from jax_mnist.bench import format_result, run_benchmark, write_json
 
-    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = parse_set(args.set)
     result = run_benchmark(args.recipe, args.batch_size, args.steps, args.warmup, args.compare_torch,
                            epoch=not args.no_epoch, overrides=overrides)  # fmt: skip
     print(format_result(result))

@@ -144,7 +144,8 @@ def train(
     run_key = jax.random.key(seed)
     state = engine.init(jax.random.fold_in(run_key, 0))
     step_key = jax.random.fold_in(run_key, 2)
-    lr_schedule, _ = make_schedules(recipe, steps_per_epoch(train_examples, recipe.batch_size))
+    per_epoch = steps_per_epoch(train_examples, recipe.batch_size)
+    lr_schedule, _ = make_schedules(recipe, per_epoch)
 
     manager = _checkpoint_manager(out)
     start_epoch = 0
@@ -159,7 +160,6 @@ def train(
     train_images = jax.device_put(data.train_images[:train_examples])
     train_labels = jax.device_put(data.train_labels[:train_examples])
     test_images, test_labels = jax.device_put(data.test_images), jax.device_put(data.test_labels)
-    per_epoch = steps_per_epoch(train_examples, recipe.batch_size)
 
     progress = _Progress(recipe.epochs, per_epoch)
     for epoch in range(start_epoch, recipe.epochs):

@@ -105,6 +105,11 @@ def normalize(images01: jax.Array) -> jax.Array:
     return (images01 - MEAN) / STD
 
 
+def nll(logp: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example negative log-likelihood of ``labels`` under log-probabilities ``logp``."""
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
 @dataclass(frozen=True)
 class Engine:
     """The compiled functions of one training configuration."""
@@ -162,8 +167,7 @@ class Engine:
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-        return nll.mean(), (logp, updates.get("batch_stats", batch_stats))
+        return nll(logp, labels).mean(), (logp, updates.get("batch_stats", batch_stats))
 
     def _train_step(self, state: TrainState, images_uint8, labels, key):
         images_uint8, labels = self.shard_batch(images_uint8, labels)
@@ -237,10 +241,9 @@ class Engine:
         def body(carry, batch):
             x, y, m = self.shard_batch(*batch)
             logp = self.model.apply({"params": params, "batch_stats": batch_stats}, normalize(preprocess(x)), train=False)
-            nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
             loss_sum, correct, count = carry
             return (
-                loss_sum + jnp.sum(jnp.where(m, nll, 0.0)),
+                loss_sum + jnp.sum(jnp.where(m, nll(logp, y), 0.0)),
                 correct + jnp.sum((jnp.argmax(logp, -1) == y) & m),
                 count + jnp.sum(m),
             ), None

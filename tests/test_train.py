@@ -185,6 +185,7 @@ def test_bad_arguments(mnist, tmp_path):
     (["--recipe", "final", "--batch-size", "0"], "batch_size must be >= 1, found 0"),
     (["--recipe", "final", "--batch-size", "70000"], "batch size 70000 is larger than the 60000 training examples"),
     (["--recipe", "final", "--set", "warp=9"], "unknown recipe field(s) ['warp']"),
+    (["--recipe", "final", "--set", "lr"], "--set takes FIELD=VALUE, found 'lr'"),
 ])  # fmt: skip
 def test_cli_errors_are_one_line(args, message, mnist_data_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jax_mnist", "train", *args, "--out", str(tmp_path / "o"),
