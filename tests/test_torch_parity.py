@@ -73,3 +73,57 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
     # Model 8's checkpoint has BatchNorm at index 2 (conv, ReLU, BN): model 7's layout is refused.
     with pytest.raises(ValueError, match="convblock1.2.weight"):
         load_torch_state_dict("model_8_dropout_maxpool", state)
+
+
+def test_max_pool_values_and_gradient_match_pytorch_with_ties():
+    import jax
+
+    from jax_mnist.models import max_pool_2x2
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (4, 9, 8, 3)).astype(np.float32)  # many tied maxima; odd height
+    upstream = rng.normal(size=(4, 4, 4, 3)).astype(np.float32)
+    out, vjp = jax.vjp(max_pool_2x2, x)
+    (grad,) = vjp(upstream)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, 2, 2)
+    yt.backward(torch.from_numpy(upstream.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(out), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(grad), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name", ["model_5_regularization", "model_8_dropout_maxpool"])
+def test_gradients_match_pytorch(name, test_batch):
+    """Loss gradients of every parameter (train-mode BN, dropout off) agree with PyTorch's backward."""
+    import jax
+    import jax.numpy as jnp
+
+    labels = np.arange(len(test_batch)) % 10
+    torch.manual_seed(0)
+    reference = randomize(torch_model(name), seed=1)
+    reference.train(True)
+    for m in reference.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    logp = reference(torch.from_numpy(test_batch.transpose(0, 3, 1, 2).copy()))
+    torch.nn.functional.nll_loss(logp, torch.from_numpy(labels)).backward()
+    torch_grads = {k: p.grad for k, p in reference.named_parameters()}
+    expected = load_torch_state_dict(name, {**reference.state_dict(), **torch_grads})["params"]
+
+    variables = load_torch_state_dict(name, reference.state_dict())
+    model = get_model(name, dropout_rate=0.0)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, test_batch, train=True, mutable=["batch_stats"])
+        return -jnp.mean(jnp.take_along_axis(out, jnp.asarray(labels)[:, None], axis=1))
+
+    grads = jax.grad(loss)(variables["params"])
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        want = expected
+        for p in path:
+            want = want[p.key]
+        # float32 sums over 64 images x every position, in another order: compare to the tensor's scale
+        scale = float(np.abs(np.asarray(want)).max())
+        error = float(np.abs(np.asarray(g) - np.asarray(want)).max())
+        print(f"{name} {jax.tree_util.keystr(path)}: max |grad| {scale:.3g}, max |diff| {error:.2e}")
+        assert error <= 5e-4 * scale, (jax.tree_util.keystr(path), error, scale)
