@@ -48,12 +48,15 @@ def test_dropped_fraction_and_scale(rate):
     np.testing.assert_allclose(kept, 3.0 / (1 - rate), rtol=1e-6)
 
 
-def test_mask_is_the_thresholded_words():
-    # Elements are packed 32 to a word in the order of random_bits((words, 32)), row-major.
-    x = jnp.arange(1, 1001, dtype=jnp.float32)
+@pytest.mark.parametrize("rows", [1, 32, 70, 256])
+def test_mask_is_the_thresholded_words(rows):
+    # Row n of the input reads word (n // G, n % G, ...) of random_bits((32, G, ...)), G = ceil(rows / 32).
+    x = jnp.arange(1, rows * 3 * 5 + 1, dtype=jnp.float32).reshape(rows, 3, 5)
     key = jax.random.key(5)
-    words = np.asarray(random_bits(key, (32, 32))).reshape(-1)[:1000]
-    expected_keep = words >= drop_threshold(0.3)
+    groups = -(-rows // 32)
+    words = np.asarray(random_bits(key, (32, groups, 3, 5)))
+    n = np.arange(rows)
+    expected_keep = words[n // groups, n % groups] >= drop_threshold(0.3)
     np.testing.assert_array_equal(np.asarray(dropout(key, x, 0.3)) != 0, expected_keep)
 
 
