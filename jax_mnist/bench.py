@@ -8,7 +8,9 @@ Figures (all measured here, none typed in):
 - eval throughput over the 10,000-image test set size;
 - one full epoch (60,000 images) through ``Engine.train_epoch``;
 - with ``compare_torch``: the same architecture's training step in PyTorch eager (same batch,
-  same thread count), and the ratio ``speedup`` = JAX images/s / PyTorch images/s.
+  same thread count), and the ratio ``speedup`` = JAX images/s / PyTorch images/s;
+- minor page faults per timed step of each, and whether ``jax_mnist.host_memory`` kept freed
+  host memory in this process (it applies to PyTorch's allocations here as well).
 
 Data are random uint8 images of MNIST's shape: the timings do not depend on pixel values.
 """
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_mnist import host_memory
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.train import Engine
 
@@ -45,6 +48,24 @@ def _spread(seconds: list[float]) -> dict[str, float]:
         "p90_s": ordered[(len(ordered) * 9) // 10],
         "n": len(ordered),
     }
+
+
+def _page_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed_steps(step: Callable[[], None], steps: int) -> dict:
+    """Spread of ``steps`` calls of ``step`` (which must block), plus page faults per call."""
+    seconds, faults = [], _page_faults()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return {**_spread(seconds), "page_faults_per_step": (_page_faults() - faults) / steps}
 
 
 def _threads() -> int:
@@ -79,6 +100,15 @@ def _compile_in_subprocess(recipe, cache_dir: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def compile_seconds(recipe) -> tuple[float, float]:
+    """(cold, warm) seconds to lower and compile ``recipe``'s train step in new processes.
+
+    Cold: against an empty persistent cache; warm: against the cache the first filled.
+    """
+    with tempfile.TemporaryDirectory() as cache_dir:
+        return _compile_in_subprocess(recipe, cache_dir), _compile_in_subprocess(recipe, cache_dir)
+
+
 def bench_jax(recipe_name: str, batch_size: int, steps: int, warmup: int, epoch: bool, overrides=None) -> dict:
     recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
     rng = np.random.default_rng(0)
@@ -87,24 +117,21 @@ def bench_jax(recipe_name: str, batch_size: int, steps: int, warmup: int, epoch:
     key = jax.random.key(0)
     result: dict = {"recipe": recipe.name, "model": recipe.model, "batch_size": batch_size}
 
-    with tempfile.TemporaryDirectory() as cache_dir:
-        # New processes, so that nothing is cached in memory: the first against an empty
-        # persistent cache (cold), the second against the cache the first filled (warm).
-        result["cold_compile_s"] = _compile_in_subprocess(recipe, cache_dir)
-        result["warm_compile_s"] = _compile_in_subprocess(recipe, cache_dir)
+    result["cold_compile_s"], result["warm_compile_s"] = compile_seconds(recipe)
     engine = Engine.from_recipe(recipe, 60_000)
     state = engine.init(key)
 
     for i in range(warmup):
         state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, i))
     jax.block_until_ready(state)
-    seconds = []
-    for i in range(steps):
-        start = time.perf_counter()
-        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, i))
+    step_index = iter(range(steps))
+
+    def step():
+        nonlocal state
+        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, next(step_index)))
         jax.block_until_ready(state)
-        seconds.append(time.perf_counter() - start)
-    result["train_step"] = _spread(seconds)
+
+    result["train_step"] = _timed_steps(step, steps)
     result["jax_images_per_s"] = batch_size / result["train_step"]["median_s"]
 
     test_images = jnp.asarray(rng.integers(0, 256, (10_000, 28, 28, 1), dtype=np.uint8))
@@ -143,12 +170,7 @@ def bench_torch(model_name: str, batch_size: int, steps: int, warmup: int, lr: f
 
     for _ in range(warmup):
         step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    spread = _spread(seconds)
+    spread = _timed_steps(step, steps)
     return {"train_step": spread, "torch_images_per_s": batch_size / spread["median_s"],
             "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}  # fmt: skip
 
@@ -166,6 +188,7 @@ def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30,
         "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
                    "count": jax.device_count()},  # fmt: skip
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_memory_kept": host_memory.applied(),
     }
     result["jax"] = bench_jax(recipe, batch_size, steps, warmup, epoch, overrides)
     result["jax_images_per_s"] = result["jax"]["jax_images_per_s"]
@@ -178,13 +201,14 @@ def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30,
 
 def format_result(result: dict) -> str:
     j = result["jax"]
+    kept = "kept" if result["host_memory_kept"] else "not kept (allocator default)"
     lines = [
         f"{j['recipe']} ({j['model']}), batch {j['batch_size']}, device {result['device']['kind']} "
-        f"x{result['device']['count']}, {result['machine']['threads_used']} threads",
+        f"x{result['device']['count']}, {result['machine']['threads_used']} threads, freed host memory {kept}",
         f"  compile: cold {j['cold_compile_s']:.2f} s, warm (persistent cache) {j['warm_compile_s']:.2f} s",
         f"  JAX train step: median {j['train_step']['median_s'] * 1e3:.1f} ms "
         f"(p10 {j['train_step']['p10_s'] * 1e3:.1f}, p90 {j['train_step']['p90_s'] * 1e3:.1f}) "
-        f"= {result['jax_images_per_s']:.0f} images/s",
+        f"= {result['jax_images_per_s']:.0f} images/s, {j['train_step']['page_faults_per_step']:.0f} page faults/step",
         f"  eval: {j['eval_images_per_s']:.0f} images/s",
     ]
     if "epoch_s" in j:
@@ -193,7 +217,8 @@ def format_result(result: dict) -> str:
     if "torch" in result:
         t = result["torch"]["train_step"]
         lines.append(f"  PyTorch {result['torch']['torch_version']} eager train step: median {t['median_s'] * 1e3:.1f} ms "
-                     f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = {result['torch_images_per_s']:.0f} images/s")  # fmt: skip
+                     f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = {result['torch_images_per_s']:.0f} images/s, "
+                     f"{t['page_faults_per_step']:.0f} page faults/step")  # fmt: skip
         lines.append(f"  speedup JAX / PyTorch: {result['speedup']:.2f}x")
     return "\n".join(lines)
 

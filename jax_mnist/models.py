@@ -113,18 +113,56 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,))
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
-            if not self.is_initializing():
-                n = x.size // channels
-                m = self.momentum
-                running_mean.value = (1 - m) * running_mean.value + m * mean
-                running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
-        else:
+        if not train:
             mean, var = running_mean.value, running_var.value
-        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+            return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        mean, var = batch_moments(x)
+        if not self.is_initializing():
+            n = x.size // channels
+            m = self.momentum
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+            running_mean.value = (1 - m) * running_mean.value + m * mean
+            running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+        return batch_norm_train(x, scale, bias, self.epsilon)
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over all but the last axis (two passes, for accuracy)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    return mean, jnp.mean(jnp.square(x - mean), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """Batch-statistics normalisation with the textbook gradient written out.
+
+    Autodiff of the forward pass gave XLA five reductions over the activation per
+    layer; the closed form needs two (``sum(dy)``, ``sum(dy * xhat)``) and one
+    elementwise pass.
+    """
+    mean, var = batch_moments(x)
+    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    mean, var = batch_moments(x)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, dy):
+    x, mean, inv_std, scale = residuals
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x - mean) * inv_std
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * xhat, axes)
+    dx = (scale * inv_std / n) * (n * dy - dbias - xhat * dscale)
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -172,12 +210,18 @@ class Conv(nn.Module):
         return y
 
 
+# How dropout masks are drawn: "fused" (jax_mnist.dropout, default) or "flax" (nn.Dropout,
+# jax.random.bernoulli); both drop with the given rate, with different random streams.
+DROPOUT_IMPLS = {"fused": FusedDropout, "flax": nn.Dropout}
+
+
 class ConvBlock(nn.Module):
     """conv -> {BN, ReLU in the spec's order} -> dropout."""
 
     spec: ConvSpec
     dropout_rate: float | None = None  # overrides spec.dropout when set
     conv_impl: str = "im2col"
+    dropout_impl: str = "fused"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -191,7 +235,7 @@ class ConvBlock(nn.Module):
                 x = nn.relu(x)
         rate = s.dropout if self.dropout_rate is None else self.dropout_rate
         if s.dropout and rate:
-            x = FusedDropout(rate, deterministic=not train)(x)
+            x = DROPOUT_IMPLS[self.dropout_impl](rate, deterministic=not train)(x)
         return x
 
 
@@ -229,10 +273,11 @@ class GlobalAvgPool(nn.Module):
 
 class Dropout(nn.Module):
     rate: float
+    impl: str = "fused"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return FusedDropout(self.rate, deterministic=not train)(x)
+        return DROPOUT_IMPLS[self.impl](self.rate, deterministic=not train)(x)
 
 
 class S7Net(nn.Module):
@@ -243,26 +288,30 @@ class S7Net(nn.Module):
     dropout_rate: float | None = None
     # How convolutions are lowered: "im2col" (faster on CPU) or "xla" (lax.conv_general_dilated).
     conv_impl: str = "im2col"
+    # How dropout masks are drawn: "fused" (faster) or "flax" (nn.Dropout); see DROPOUT_IMPLS.
+    dropout_impl: str = "fused"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {sorted(CONV_IMPLS)}, found {self.conv_impl!r}")
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(f"dropout_impl must be one of {sorted(DROPOUT_IMPLS)}, found {self.dropout_impl!r}")
         for layer in self.layers:
-            x = build_layer(layer, self.dropout_rate, self.conv_impl)(x, train)
+            x = build_layer(layer, self.dropout_rate, self.conv_impl, self.dropout_impl)(x, train)
         return jax.nn.log_softmax(x.reshape(-1, 10), axis=-1)
 
 
-def build_layer(layer: LayerSpec, dropout_rate: float | None, conv_impl: str) -> nn.Module:
+def build_layer(layer: LayerSpec, dropout_rate: float | None, conv_impl: str, dropout_impl: str) -> nn.Module:
     if isinstance(layer, ConvSpec):
-        return ConvBlock(layer, dropout_rate, conv_impl, name=layer.name)
+        return ConvBlock(layer, dropout_rate, conv_impl, dropout_impl, name=layer.name)
     if isinstance(layer, PoolSpec):
         return MaxPool(name=layer.name)
     if isinstance(layer, GapSpec):
         return GlobalAvgPool(name=layer.name)
     if isinstance(layer, DropoutSpec):
         rate = layer.rate if dropout_rate is None else dropout_rate
-        return Dropout(rate, name=layer.name)
+        return Dropout(rate, dropout_impl, name=layer.name)
     raise TypeError(f"unknown layer spec {layer!r}")
 
 

@@ -3,14 +3,18 @@
 
 Prints the median time of: the forward pass (train mode), forward+backward, the full step
 (augmentation, optimizer), and the step without dropout / without augmentation / with the XLA
-convolution instead of im2col / with the rbg PRNG instead of threefry; each with its compile time.
+convolution instead of im2col / with Flax's nn.Dropout (jax.random) instead of the fused dropout,
+with threefry and with rbg keys; each with its compile time.
 Usage: python scripts/profile_step.py [STEPS]
+(Host memory: compare `jax-mnist bench` with and without JAX_MNIST_KEEP_HOST_MEMORY=0.)
 """
 
+import dataclasses
 import statistics
 import sys
 import time
 
+import jax_mnist  # noqa: F401  (first, before JAX's backend starts: keeps freed host memory)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,11 +41,14 @@ def timed(fn, *args):
     return compile_s, statistics.median(times)
 
 
+MODEL_FIELDS = ("conv_impl", "dropout_impl")
+
+
 def engine_for(**overrides):
-    conv_impl = overrides.pop("conv_impl", None)
+    model_overrides = {k: overrides.pop(k) for k in MODEL_FIELDS if k in overrides}
     engine = Engine.from_recipe(with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides}), 60_000)
-    if conv_impl:
-        engine = Engine(engine.model.clone(conv_impl=conv_impl), engine.tx, engine.augment, BATCH, 1000, engine.mesh)
+    if model_overrides:
+        engine = dataclasses.replace(engine, model=engine.model.clone(**model_overrides))
     return engine
 
 
@@ -53,17 +60,20 @@ base = engine_for()
 state = base.init(jax.random.key(0))
 x = normalize(preprocess(images))
 key = jax.random.key(1)
-forward = jax.jit(lambda s, x, k: base.loss_fn(s.params, s.batch_stats, x, labels, k)[0])
+forward = jax.jit(lambda s, x, k: base.loss_fn(s.params, s.batch_stats, x, labels, k)[0],
+                  compiler_options=base.xla_options)
 report("forward (train mode, dropout)", *timed(forward, state, x, key))
-grad = jax.jit(lambda s, x, k: jax.grad(base.loss_fn, has_aux=True)(s.params, s.batch_stats, x, labels, k)[0])
+grad = jax.jit(lambda s, x, k: jax.grad(base.loss_fn, has_aux=True)(s.params, s.batch_stats, x, labels, k)[0],
+               compiler_options=base.xla_options)
 report("forward + backward", *timed(grad, state, x, key))
-step = jax.jit(base._train_step)
-report("full step (augment, fwd, bwd, SGD)", *timed(step, state, images, labels, key))
+report("full step (augment, fwd, bwd, SGD)", *timed(base.train_step, state, images, labels, key))
+report("  default XLA:CPU options", *timed(dataclasses.replace(base, xla_options={}).train_step, state, images, labels, key))
 for name, kwargs, step_key in [
     ("  without dropout", {"dropout_rate": 0.0}, key),
     ("  without augmentation", {"augment": "none"}, key),
     ("  XLA conv instead of im2col", {"conv_impl": "xla"}, key),
-    ("  rbg PRNG instead of threefry", {}, jax.random.key(1, impl="rbg")),
+    ("  flax nn.Dropout instead of fused", {"dropout_impl": "flax"}, key),
+    ("  flax nn.Dropout, rbg PRNG", {"dropout_impl": "flax"}, jax.random.key(1, impl="rbg")),
 ]:
     engine = engine_for(**kwargs)
-    report(name, *timed(jax.jit(engine._train_step), engine.init(jax.random.key(0)), images, labels, step_key))
+    report(name, *timed(engine.train_step, engine.init(jax.random.key(0)), images, labels, step_key))

@@ -13,4 +13,7 @@ def test_bench_writes_json_with_speedup_keys(tmp_path):
     assert abs(result["speedup"] - result["jax_images_per_s"] / result["torch_images_per_s"]) < 1e-9
     assert result["jax"]["cold_compile_s"] > 0 and result["jax"]["warm_compile_s"] > 0
     assert result["jax"]["train_step"]["n"] == 3
+    assert result["jax"]["train_step"]["page_faults_per_step"] >= 0
+    assert result["torch"]["train_step"]["page_faults_per_step"] >= 0
+    assert isinstance(result["host_memory_kept"], bool)
     assert {"jax", "flax", "optax"} <= set(result["versions"]) and result["device"]["platform"]

@@ -99,6 +99,21 @@ def test_dropout_uses_dropout_rng_and_override_disables_it(test_batch):
         model.apply(variables, test_batch[:8], train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.parametrize("impl", ["fused", "flax"])
+def test_both_dropout_implementations_drop_at_the_rate(impl):
+    # Model 5's dropout layer (rate 0.25) sits after block 2: count zeros where its input is not zero.
+    model = get_model("model_5_regularization", dropout_impl=impl)
+    variables = init_variables(model, jax.random.key(0))
+    _, state = model.apply(variables, jnp.ones((64, 28, 28, 1)), train=True, rngs={"dropout": jax.random.key(1)},
+                           capture_intermediates=True, mutable=["batch_stats", "intermediates"])  # fmt: skip
+    inputs = state["intermediates"]["convblock2"]["__call__"][0]
+    outputs = state["intermediates"]["dropout"]["__call__"][0]
+    dropped = float(jnp.sum((outputs == 0) & (inputs != 0)) / jnp.sum(inputs != 0))
+    assert abs(dropped - 0.25) < 0.01, dropped
+    with pytest.raises(ValueError, match="dropout_impl"):
+        get_model("model_5_regularization", dropout_impl="numpy").apply(variables, jnp.ones((1, 28, 28, 1)))
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="model_8_dropout_maxpool") as e:
         get_model("model_9")

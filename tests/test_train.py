@@ -12,7 +12,7 @@ import pytest
 
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
-from jax_mnist.train import Engine
+from jax_mnist.train import Engine, compiler_options
 
 # A small but real configuration: model 8 with dropout, StepLR, rotation, 1,000 examples.
 SUBSET = 1000
@@ -204,3 +204,13 @@ def test_cli_smoke_run(mnist_data_dir, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text())
     assert list(row) == EPOCH_KEYS and row["lr"] == 0.01
     assert (out / "checkpoints" / "1").is_dir()
+
+
+def test_compiler_options_apply_on_cpu_only():
+    from collections import namedtuple
+
+    device = jax.devices()[0]
+    expected = {"xla_cpu_use_fusion_emitters": False} if device.platform == "cpu" else {}
+    assert compiler_options(device) == expected
+    assert Engine.from_recipe(small_recipe(), SUBSET).xla_options == expected
+    assert compiler_options(namedtuple("Device", "platform")("gpu")) == {}
