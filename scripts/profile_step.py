@@ -6,6 +6,7 @@ Prints the median time of: the forward pass (train mode), forward+backward, the 
 convolution instead of im2col / with Flax's nn.Dropout (jax.random) instead of the fused dropout,
 with threefry and with rbg keys; each with its compile time.
 Usage: python scripts/profile_step.py [STEPS]
+       python scripts/profile_step.py --ops [STEPS]   per-layer time of the full step's XLA ops
 (Host memory: compare `jax-mnist bench` with and without JAX_MNIST_KEEP_HOST_MEMORY=0.)
 """
 
@@ -22,7 +23,9 @@ import numpy as np
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.train import Engine, normalize, preprocess
 
-STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+OPS = "--ops" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--ops"]
+STEPS = int(ARGS[0]) if ARGS else 20
 BATCH = 256
 rng = np.random.default_rng(0)
 images = jnp.asarray(rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8))
@@ -56,10 +59,54 @@ def report(name, compile_s, step_s):
     print(f"{name:<44} compile {compile_s:6.2f} s   median {step_s * 1e3:7.1f} ms   {BATCH / step_s:7.0f} images/s")
 
 
+def op_breakdown(engine, state, steps):
+    """Per-step milliseconds of the step's XLA ops from a jax.profiler trace, summed by layer and pass.
+
+    Ops run on two threads at once, so the sum exceeds the wall time of a step.
+    """
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    args = (state, images, labels, jax.random.key(1))
+    step = engine.train_step
+    op_names = {}  # XLA instruction -> JAX op name, read from the compiled HLO's metadata
+    for line in step.lower(*args).compile().as_text().splitlines():
+        match = re.match(r'\s+%(\S+) = .*?op_name="([^"]*)"', line)
+        if match:
+            op_names[match.group(1)] = match.group(2)
+    jax.block_until_ready(step(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(steps):
+            jax.block_until_ready(step(*args))
+        jax.profiler.stop_trace()
+        profile = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    totals = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name not in op_names:
+                    continue
+                op = op_names[event.name]
+                layer = re.search(r"(convblock\d+/(conv|bn|Dropout_0)|pool\d|gap)", op)
+                where = ("backward " if "transpose(" in op else "forward ") + (layer.group(0) if layer else "other")
+                totals[where] += event.duration_ns / 1e6 / steps
+    for where, ms in totals.most_common():
+        print(f"{where:<36} {ms:7.2f} ms")
+    print(f"{'sum of ops':<36} {sum(totals.values()):7.2f} ms")
+
+
 base = engine_for()
 state = base.init(jax.random.key(0))
 x = normalize(preprocess(images))
 key = jax.random.key(1)
+if OPS:
+    op_breakdown(base, state, STEPS)
+    sys.exit(0)
 forward = jax.jit(lambda s, x, k: base.loss_fn(s.params, s.batch_stats, x, labels, k)[0],
                   compiler_options=base.xla_options)
 report("forward (train mode, dropout)", *timed(forward, state, x, key))
