@@ -114,9 +114,8 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,))
         if not train:
-            mean, var = running_mean.value, running_var.value
-            return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        mean, var = batch_moments(x)
+            return batch_normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
+        mean, var = batch_moments(x)  # the same reductions as in batch_norm_train: XLA computes them once
         if not self.is_initializing():
             n = x.size // channels
             m = self.momentum
@@ -124,6 +123,11 @@ class BatchNorm(nn.Module):
             running_mean.value = (1 - m) * running_mean.value + m * mean
             running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
         return batch_norm_train(x, scale, bias, self.epsilon)
+
+
+def batch_normalize(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, per channel (the last axis)."""
+    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,13 +146,12 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     elementwise pass.
     """
     mean, var = batch_moments(x)
-    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return batch_normalize(x, mean, var, scale, bias, epsilon)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
     mean, var = batch_moments(x)
-    inv_std = jax.lax.rsqrt(var + epsilon)
-    return (x - mean) * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+    return batch_normalize(x, mean, var, scale, bias, epsilon), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
 def _batch_norm_bwd(epsilon, residuals, dy):
@@ -243,8 +246,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, odd edges dropped, as ``torch.nn.MaxPool2d(2, 2)``.
 
     Written as the four window taps of a reshape rather than ``reduce_window``: on
-    XLA:CPU the latter's gradient (select-and-scatter over iota index arrays) took
-    ~18 ms of model 8's training step. The gradient goes to the first maximum of
+    XLA:CPU the latter's gradient (select-and-scatter over iota index arrays) was a
+    large share of model 8's training step. The gradient goes to the first maximum of
     each window in row-major order, as in PyTorch; ``jnp.max``'s would be split
     evenly between ties.
     """

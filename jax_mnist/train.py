@@ -110,8 +110,8 @@ def nll(logp: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
-# XLA:CPU compiles model 8's training step in ~4.3 s instead of ~5.8 s with its older
-# elemental fusion emitters, and the step runs no slower (docs/benchmarks.md).
+# With its older elemental fusion emitters XLA:CPU compiles model 8's training step in about
+# two thirds of the time, and the step runs no slower (docs/benchmarks.md, profile_step.py).
 _CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
 
 
