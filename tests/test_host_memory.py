@@ -18,7 +18,7 @@ recipe = with_overrides(get_recipe("final"), {"batch_size": 256, "dropout_rate":
 engine = Engine.from_recipe(recipe, 60_000)
 state = engine.init(jax.random.key(0))
 images, labels = jnp.zeros((256, 28, 28, 1), jnp.uint8), jnp.zeros((256,), jnp.int32)
-step = jax.jit(engine._train_step)
+step = engine.train_step
 jax.block_until_ready(step(state, images, labels, jax.random.key(1)))
 faults = []
 for _ in range(5):  # the heap may still grow once while it settles: the median counts
