@@ -10,7 +10,10 @@ Figures (all measured here, none typed in):
 - with ``compare_torch``: the same architecture's training step in PyTorch eager (same batch,
   same thread count), and the ratio ``speedup`` = JAX images/s / PyTorch images/s;
 - minor page faults per timed step of each, and whether ``jax_mnist.host_memory`` kept freed
-  host memory in this process (it applies to PyTorch's allocations here as well).
+  host memory in this process (it applies to PyTorch's allocations here as well);
+- with ``seeds=K``: one epoch of K seeds trained together (one vmapped program) vs the K seeds
+  one after another, and XLA's memory account of each epoch program (on GPU/TPU also the
+  device's peak bytes).
 
 Data are random uint8 images of MNIST's shape: the timings do not depend on pixel values.
 """
@@ -31,7 +34,7 @@ import numpy as np
 
 from jax_mnist import host_memory
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.train import Engine
+from jax_mnist.engine import Engine
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -76,7 +79,7 @@ _COMPILE_SNIPPET = """
 import json, sys, time
 import jax, jax.numpy as jnp
 from jax_mnist.recipes import Recipe
-from jax_mnist.train import Engine
+from jax_mnist.engine import Engine
 recipe = Recipe(**json.loads(sys.argv[1]))
 engine = Engine.from_recipe(recipe, 60_000)
 state = engine.init(jax.random.key(0))
@@ -142,18 +145,86 @@ def bench_jax(recipe_name: str, batch_size: int, steps: int, warmup: int, epoch:
     result["eval_images_per_s"] = 10_000 / eval_seconds
 
     if epoch:
-        train_images = jnp.asarray(rng.integers(0, 256, (60_000, 28, 28, 1), dtype=np.uint8))
-        train_labels = jnp.asarray(rng.integers(0, 10, (60_000,), dtype=np.int32))
-        # train_epoch donates its state: each call gets a fresh one.
-        result["epoch_compile_s"] = _timed(lambda: engine.train_epoch(engine.init(key), train_images, train_labels, key, 0)[1])
-        result["epoch_s"] = _timed(lambda: engine.train_epoch(engine.init(key), train_images, train_labels, key, 1)[1])
+        train_set = engine.put_shared(_random_set(rng, 60_000))
+        # train_epoch donates its states: each call gets fresh ones.
+        first, second = _fresh(engine, [0], train_set), _fresh(engine, [0], train_set)
+        result["epoch_compile_s"] = _timed(lambda: engine.train_epoch(*first, 0)[1])
+        result["epoch_s"] = _timed(lambda: engine.train_epoch(*second, 1)[1])
     return result
+
+
+def _random_set(rng, n: int):
+    return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, (n,), dtype=np.int32))
+
+
+def _fresh(engine, seeds, train_set):
+    """Arguments of ``engine.train_epoch`` before the epoch index: new states of ``seeds``, the data, keys."""
+    states, keys = engine.init_seeds(seeds)
+    return (states, *train_set, keys)
+
+
+def _program_bytes(engine, seeds, train_set) -> dict[str, int]:
+    """XLA's own account of the epoch-chunk program's memory for ``seeds`` stacked seeds."""
+    states, keys = engine.init_seeds(seeds)
+    orders = jnp.zeros((len(seeds), train_set[1].shape[0]), jnp.int32)
+    index = jnp.asarray(0, jnp.int32)
+    compiled = engine._programs["steps"].lower(states, *train_set, orders, keys.step, index, index).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp")}
+    return {**sizes, "total": sum(sizes.values())}
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()  # None on CPU; peak_bytes_in_use on GPU/TPU
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def bench_seeds(recipe_name: str, seeds: int, batch_size: int, num_examples: int = 60_000, overrides=None) -> dict:
+    """One epoch of ``seeds`` seeds trained together (one vmapped program) against the same seeds
+    trained one after another, each way warmed up first (compiled), plus each program's memory."""
+    recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
+    engine = Engine.from_recipe(recipe, num_examples)
+    train_set = engine.put_shared(_random_set(np.random.default_rng(0), num_examples))
+    together, alone = list(range(1, seeds + 1)), [[s] for s in range(1, seeds + 1)]
+
+    def warm_up(seed_list):
+        states, keys = engine.init_seeds(seed_list)
+        orders = engine._programs["shuffle"](keys.shuffle, jnp.asarray(0, jnp.int32), num_examples)
+        index = jnp.asarray(0, jnp.int32)
+        states, _ = engine._programs["steps"](states, *train_set, orders, keys.step, index, index + 1)
+        if num_examples % batch_size:
+            states, _ = engine._programs["last"](states, *train_set, orders, keys.step)
+        jax.block_until_ready(states)
+
+    warm_up(together)
+    warm_up(alone[0])
+    def epoch_seconds(seed_list) -> float:
+        args = _fresh(engine, seed_list, train_set)
+        return _timed(lambda: engine.train_epoch(*args, 1)[1])
+
+    together_s = epoch_seconds(together)
+    sequential_s = [epoch_seconds(seed_list) for seed_list in alone]
+    return {
+        "seeds": seeds,
+        "examples_per_epoch": num_examples,
+        "together_epoch_s": together_s,
+        "sequential_epoch_s": sum(sequential_s),
+        "sequential_per_seed_s": sequential_s,
+        "together_speedup": sum(sequential_s) / together_s,
+        "together_images_per_s": seeds * num_examples / together_s,
+        "sequential_images_per_s": seeds * num_examples / sum(sequential_s),
+        "program_bytes_together": _program_bytes(engine, together, train_set),
+        "program_bytes_one_seed": _program_bytes(engine, alone[0], train_set),
+        "device_peak_bytes": _device_peak_bytes(),
+    }
 
 
 def bench_torch(model_name: str, batch_size: int, steps: int, warmup: int, lr: float = 0.1) -> dict:
     import torch
 
-    from jax_mnist.torch_models import torch_model
+    from jax_mnist.reference.torch_models import torch_model
 
     torch.set_num_threads(_threads())
     torch.manual_seed(0)
@@ -176,7 +247,8 @@ def bench_torch(model_name: str, batch_size: int, steps: int, warmup: int, lr: f
 
 
 def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30, warmup: int = 5,
-                  compare_torch: bool = False, epoch: bool = True, overrides=None) -> dict:  # fmt: skip
+                  compare_torch: bool = False, epoch: bool = True, overrides=None, seeds: int = 0,
+                  seeds_examples: int = 60_000) -> dict:  # fmt: skip
     import flax
     import optax
 
@@ -196,6 +268,8 @@ def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30,
         result["torch"] = bench_torch(result["jax"]["model"], batch_size, steps, warmup)
         result["torch_images_per_s"] = result["torch"]["torch_images_per_s"]
         result["speedup"] = result["jax_images_per_s"] / result["torch_images_per_s"]
+    if seeds:
+        result["multi_seed"] = bench_seeds(recipe, seeds, batch_size, seeds_examples, overrides)
     return result
 
 
@@ -220,6 +294,13 @@ def format_result(result: dict) -> str:
                      f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = {result['torch_images_per_s']:.0f} images/s, "
                      f"{t['page_faults_per_step']:.0f} page faults/step")  # fmt: skip
         lines.append(f"  speedup JAX / PyTorch: {result['speedup']:.2f}x")
+    if "multi_seed" in result:
+        m = result["multi_seed"]
+        mib = lambda b: f"{b.get('total', 0) / 2**20:.0f} MiB" if b else "n/a"
+        lines.append(f"  {m['seeds']} seeds, one epoch of {m['examples_per_epoch']:,} images each: together (vmapped) "
+                     f"{m['together_epoch_s']:.1f} s, one after another {m['sequential_epoch_s']:.1f} s "
+                     f"= {m['together_speedup']:.2f}x; epoch-program memory {mib(m['program_bytes_together'])} "
+                     f"vs {mib(m['program_bytes_one_seed'])} for one seed")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jax_mnist.errors import JaxMnistError
 
-class UserError(Exception):
+
+class UserError(JaxMnistError):
     """Bad input from the user: printed as one line, no traceback."""
 
 
 def cmd_summary(args) -> None:
-    from jax_mnist.models import summarize
+    from jax_mnist.summary import summarize
 
     print(summarize(args.model).format())
 
@@ -30,6 +32,23 @@ def parse_set(pairs: list[str]) -> dict[str, str]:
     if bad:
         raise UserError(f"--set takes FIELD=VALUE, found {bad[0]!r}")
     return dict(kv.split("=", 1) for kv in pairs)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1-5``, ``1,3,7`` or a mix (``1-3,7``) as a list of distinct seeds, in the order given."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            seeds += range(int(low), int(high) + 1) if high else [int(low)]
+    except ValueError:
+        raise UserError(f"--seeds takes seeds like 1-5 or 1,3,7, found {text!r}") from None
+    if not seeds:
+        raise UserError(f"--seeds names no seed: {text!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"--seeds names seed(s) {repeated} more than once: {text!r}")
+    return seeds
 
 
 def load_data(args):
@@ -53,27 +72,39 @@ def cmd_show_augment(args) -> None:
     from jax_mnist.augment_grid import write_augment_grid
 
     mnist = load_data(args)
-    write_augment_grid(args.out, mnist.test_images[: args.images], args.copies, args.seed,
-                       degrees=args.degrees, translate=args.translate, scale=tuple(args.scale))  # fmt: skip
+    try:
+        write_augment_grid(args.out, mnist.test_images[: args.images], args.copies, args.seed,
+                           degrees=args.degrees, translate=args.translate, scale=tuple(args.scale))  # fmt: skip
+    except OSError as e:
+        raise UserError(f"{args.out}: cannot write the PNG ({e.strerror})") from None
     print(f"wrote {args.out}")
 
 
 def cmd_train(args) -> None:
     from jax_mnist.recipes import get_recipe, with_overrides
-    from jax_mnist.run import train
+    from jax_mnist.run import seed_dirs, train_seeds
 
     overrides = parse_set(args.set)
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     recipe = with_overrides(get_recipe(args.recipe), overrides)
-    out = args.out or f"runs/{recipe.name}-seed{args.seed}"
+    if args.seeds is not None:  # one directory per seed under --out
+        seeds = parse_seeds(args.seeds)
+        out = args.out or f"runs/{recipe.name}"
+        run_dirs = seed_dirs(out, seeds)
+        again = f"--seeds {args.seeds} --resume --out {out}"
+        what = f"seeds {', '.join(map(str, seeds))} -> {out}/seed-<s>"
+    else:
+        seed = 1 if args.seed is None else args.seed
+        out = args.out or f"runs/{recipe.name}-seed{seed}"
+        run_dirs, again, what = {seed: out}, f"--seed {seed} --resume --out {out}", f"seed {seed} -> {out}"
     data = load_data(args)
-    print(f"training {recipe.name} ({recipe.model}) seed {args.seed} -> {out}")
+    print(f"training {recipe.name} ({recipe.model}) {what}", flush=True)
     try:
-        train(recipe, data, out, seed=args.seed, resume=args.resume, train_examples=args.train_examples)
+        train_seeds(recipe, data, run_dirs, resume=args.resume, train_examples=args.train_examples)
     except KeyboardInterrupt:
-        raise UserError(f"interrupted; the last complete epoch is checkpointed: continue with --resume --out {out}")
+        raise UserError(f"interrupted; the last complete epoch is checkpointed: continue with {again}")
 
 
 def cmd_bench(args) -> None:
@@ -81,15 +112,19 @@ def cmd_bench(args) -> None:
 
     overrides = parse_set(args.set)
     result = run_benchmark(args.recipe, args.batch_size, args.steps, args.warmup, args.compare_torch,
-                           epoch=not args.no_epoch, overrides=overrides)  # fmt: skip
+                           epoch=not args.no_epoch, overrides=overrides, seeds=args.seeds,
+                           seeds_examples=args.seeds_examples)  # fmt: skip
     print(format_result(result))
     if args.json:
-        write_json(result, args.json)
+        try:
+            write_json(result, args.json)
+        except OSError as e:
+            raise UserError(f"{args.json}: cannot write the JSON ({e.strerror})") from None
         print(f"wrote {args.json}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jax_mnist.models import MODEL_NAMES
+    from jax_mnist.zoo import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="jax-mnist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,13 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe; metrics.jsonl, config.json and checkpoints in --out")
     p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, metavar="NAME", help=f"one of: {', '.join(RECIPE_NAMES)}")
-    p.add_argument("--seed", type=int, default=1)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="the run's seed (default 1)")
+    seeds.add_argument("--seeds", metavar="SEEDS",
+                       help="train several seeds together, e.g. 1-5 or 1,3,7: one run directory per seed, --out/seed-<s>")  # fmt: skip
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (the peak for OneCycle recipes)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any recipe field, e.g. --set schedule=onecycle --set degrees=10")  # fmt: skip
-    p.add_argument("--out", help="run directory (default runs/<recipe>-seed<seed>)")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-seed<seed>; with --seeds runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--train-examples", type=int, help="train on the first N training examples only")
     add_data_options(p)
@@ -137,17 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-torch", action="store_true", help="time the same network in PyTorch eager too")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
+    p.add_argument("--seeds", type=int, default=0, metavar="K",
+                   help="also time one epoch of K seeds trained together vs one after another")  # fmt: skip
+    p.add_argument("--seeds-examples", type=int, default=60_000, metavar="N",
+                   help="training examples per epoch for --seeds (default 60000)")  # fmt: skip
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jax_mnist import host_memory
+
+    # Process-wide, so here and not on import: before JAX starts its CPU backend (see host_memory).
+    host_memory.apply_from_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ValueError, OSError) as e:
+    except JaxMnistError as e:
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

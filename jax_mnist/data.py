@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from jax_mnist.errors import JaxMnistError
+
 MEAN, STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]
 TFDS_VERSION = "3.0.1"
 ENV_DATA_DIR = "JAX_MNIST_DATA_DIR"
@@ -45,7 +47,7 @@ OFFICIAL_FILES = {
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
 
-class DataError(ValueError):
+class DataError(JaxMnistError, ValueError):
     """Bad or missing MNIST input; the message is one line naming the file, expected vs found."""
 
 

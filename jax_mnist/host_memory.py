@@ -14,8 +14,10 @@ settings make glibc reuse the memory instead:
 
 The process keeps its peak heap size instead of shrinking after a step. This only
 takes effect for threads that have not allocated yet, so it must run before JAX
-starts its CPU backend: ``import jax_mnist`` does it (see ``__init__``); set
-``JAX_MNIST_KEEP_HOST_MEMORY=0`` to leave the allocator alone. On other C
+starts its CPU backend. The ``jax-mnist`` command and the scripts call
+``apply_from_env()`` first thing; importing ``jax_mnist`` does not (a library must not
+change its host process's allocator behind its back). Set ``JAX_MNIST_KEEP_HOST_MEMORY=0``
+to leave the allocator alone in the command and scripts too. On other C
 libraries (macOS, musl) and on failure it does nothing. Accelerators keep their
 own device allocators; this changes host memory only.
 """
@@ -56,6 +58,11 @@ def keep_freed_memory() -> bool:
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def apply_from_env() -> bool:
+    """``keep_freed_memory()`` unless ``JAX_MNIST_KEEP_HOST_MEMORY`` turns it off; True if applied."""
+    return keep_freed_memory() if enabled_by_env() else False
 
 
 def applied() -> bool:

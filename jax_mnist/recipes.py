@@ -12,7 +12,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from jax_mnist.models import MODEL_NAMES
+from jax_mnist.errors import ConfigError
+from jax_mnist.zoo import MODEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Recipe:
     scale_min: float = 1.0  # affine
     scale_max: float = 1.0
     dropout_rate: float | None = None  # None: the model's own rates
+    # How the network is computed (same function, different rounding, so part of a run's identity):
+    # conv_impl "auto" = im2col on CPU, XLA's convolution on GPU/TPU; dropout_impl "fused" or "flax".
+    conv_impl: str = "auto"
+    dropout_impl: str = "fused"
 
     def __post_init__(self):
         check = [
@@ -57,10 +62,12 @@ class Recipe:
             (self.augment in ("none", "rotate", "affine"), f"augment must be none, rotate or affine, found {self.augment!r}"),
             (self.anneal in ("cos", "linear"), f"anneal must be cos or linear, found {self.anneal!r}"),
             (self.step_size >= 1, f"step_size must be >= 1, found {self.step_size}"),
+            (self.conv_impl in ("auto", "im2col", "xla"), f"conv_impl must be auto, im2col or xla, found {self.conv_impl!r}"),
+            (self.dropout_impl in ("fused", "flax"), f"dropout_impl must be fused or flax, found {self.dropout_impl!r}"),
         ]  # fmt: skip
         for ok, message in check:
             if not ok:
-                raise ValueError(f"recipe {self.name}: {message}")
+                raise ConfigError(f"recipe {self.name}: {message}")
 
 
 _ORIGINAL_LR = {name: 0.01 for name in MODEL_NAMES} | {"model_8_dropout_maxpool": 0.1}
@@ -94,22 +101,25 @@ RECIPE_NAMES = tuple(RECIPES)
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPE_NAMES)}")
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPE_NAMES)}")
     return RECIPES[name]
+
+
+_ARTICLE = {int: "an"}
 
 
 def _parse(field: dataclasses.Field, text: str):
     kind = typing.get_type_hints(Recipe)[field.name]
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{field.name} takes true or false, found {text!r}")
+            raise ConfigError(f"{field.name} takes true or false, found {text!r}")
         return text.lower() in ("true", "1")
     if kind == (float | None):
         return None if text.lower() == "none" else float(text)
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{field.name} takes a {kind.__name__}, found {text!r}") from None
+        raise ConfigError(f"{field.name} takes {_ARTICLE.get(kind, 'a')} {kind.__name__}, found {text!r}") from None
 
 
 def with_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
@@ -117,6 +127,6 @@ def with_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(overrides) - set(fields) - {"name"})
     if unknown:
-        raise ValueError(f"unknown recipe field(s) {unknown}; valid: {', '.join(f for f in fields if f != 'name')}")
+        raise ConfigError(f"unknown recipe field(s) {unknown}; valid: {', '.join(f for f in fields if f != 'name')}")
     parsed = {k: _parse(fields[k], v) if isinstance(v, str) else v for k, v in overrides.items()}
     return dataclasses.replace(recipe, **parsed)

@@ -9,7 +9,7 @@ Usage: python scripts/compile_times.py [RECIPE ...]   (default: model_1_setup ..
 import sys
 
 from jax_mnist.bench import compile_seconds
-from jax_mnist.models import MODEL_NAMES
+from jax_mnist.zoo import MODEL_NAMES
 from jax_mnist.recipes import get_recipe
 
 names = sys.argv[1:] or [*MODEL_NAMES, "final"]

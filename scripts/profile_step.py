@@ -15,13 +15,15 @@ import statistics
 import sys
 import time
 
-import jax_mnist  # noqa: F401  (first, before JAX's backend starts: keeps freed host memory)
-import jax
+from jax_mnist import host_memory
+
+host_memory.apply_from_env()  # first, before JAX's backend starts: keeps freed host memory
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.train import Engine, normalize, preprocess
+from jax_mnist.engine import Engine, normalize, preprocess
 
 OPS = "--ops" in sys.argv
 ARGS = [a for a in sys.argv[1:] if a != "--ops"]
@@ -44,15 +46,8 @@ def timed(fn, *args):
     return compile_s, statistics.median(times)
 
 
-MODEL_FIELDS = ("conv_impl", "dropout_impl")
-
-
 def engine_for(**overrides):
-    model_overrides = {k: overrides.pop(k) for k in MODEL_FIELDS if k in overrides}
-    engine = Engine.from_recipe(with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides}), 60_000)
-    if model_overrides:
-        engine = dataclasses.replace(engine, model=engine.model.clone(**model_overrides))
-    return engine
+    return Engine.from_recipe(with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides}), 60_000)
 
 
 def report(name, compile_s, step_s):

@@ -1,4 +1,5 @@
-"""import jax_mnist keeps XLA:CPU's per-step buffers mapped: no page faults per training step."""
+"""host_memory keeps XLA:CPU's per-step buffers mapped (no page faults per training step) when the
+command or a script applies it; importing jax_mnist alone changes nothing."""
 
 import os
 import platform
@@ -10,10 +11,11 @@ import pytest
 # Model 8's training step at batch 256 frees a 192 MB temporary block after every call.
 PROBE = """
 import resource
-import jax_mnist, jax, jax.numpy as jnp
 from jax_mnist import host_memory
+host_memory.apply_from_env()  # what the jax-mnist command and the scripts do first
+import jax, jax.numpy as jnp
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.train import Engine
+from jax_mnist.engine import Engine
 recipe = with_overrides(get_recipe("final"), {"batch_size": 256, "dropout_rate": 0.0})
 engine = Engine.from_recipe(recipe, 60_000)
 state = engine.init(jax.random.key(0))
@@ -48,3 +50,11 @@ def test_train_step_reuses_host_memory():
     # 192 MB of fresh 4 KB pages is ~47,000 faults per step without the settings.
     assert off_faults > 20_000, off_faults
     assert faults < 2_000, faults
+
+
+def test_import_changes_no_process_setting():
+    code = ("import jax_mnist, jax_mnist.engine, jax_mnist.run, jax_mnist.cli; from jax_mnist import host_memory; "
+            "print(host_memory.applied())")
+    env = {**os.environ, "JAX_MNIST_KEEP_HOST_MEMORY": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jax_mnist import models
-from jax_mnist.models import MODEL_NAMES, count_params, get_model, init_variables, summarize
+from jax_mnist.errors import ConfigError
+from jax_mnist.models import MODEL_NAMES, count_params, get_model, init_variables, resolve_conv_impl, summarize
 
 EXPECTED_PARAMS = {
     "model_1_setup": 6_379_786,
@@ -133,5 +134,11 @@ def test_count_params_ignores_batch_stats():
 
 def test_unknown_conv_impl_is_refused(test_batch):
     model = get_model("model_3_lighter_model", conv_impl="fft")
-    with pytest.raises(ValueError, match="conv_impl must be one of \\['im2col', 'xla'\\], found 'fft'"):
+    with pytest.raises(ConfigError, match="conv_impl must be auto or one of im2col, xla, found 'fft'"):
         model.init(jax.random.key(0), test_batch[:1])
+
+
+def test_auto_conv_impl_is_im2col_on_cpu_and_xla_elsewhere():
+    assert resolve_conv_impl("auto", "cpu") == "im2col"
+    assert resolve_conv_impl("auto", "gpu") == resolve_conv_impl("auto", "tpu") == "xla"
+    assert resolve_conv_impl("xla", "cpu") == "xla" and resolve_conv_impl("im2col", "gpu") == "im2col"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jax_mnist import schedules
-from jax_mnist.train import torch_sgd
+from jax_mnist.engine import torch_sgd
 
 
 def _torch_optimizer(lr=0.1, momentum=0.9):

@@ -6,7 +6,7 @@ import pytest
 import torch  # a test dependency (the `test` extra); parity is a core test, never skipped
 
 from jax_mnist.models import MODEL_NAMES, get_model, load_torch_state_dict  # noqa: E402
-from jax_mnist.torch_models import randomize, torch_model  # noqa: E402
+from jax_mnist.reference.torch_models import randomize, torch_model  # noqa: E402
 
 TOL = 1e-5
 

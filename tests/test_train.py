@@ -12,7 +12,7 @@ import pytest
 
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
-from jax_mnist.train import Engine, compiler_options
+from jax_mnist.engine import Engine, compiler_options
 
 # A small but real configuration: model 8 with dropout, StepLR, rotation, 1,000 examples.
 SUBSET = 1000
@@ -121,7 +121,7 @@ def test_a_few_steps_reduce_the_loss(mnist):
 
 def test_evaluation_counts_every_test_image(mnist):
     """Batch sizes that do not divide 10,000 still score every image, with the same loss and accuracy."""
-    from jax_mnist.train import normalize, preprocess
+    from jax_mnist.engine import normalize, preprocess
 
     engine = Engine.from_recipe(get_recipe("model_4_batchnorm"), 60_000)
     state = engine.init(jax.random.key(0))
@@ -140,10 +140,10 @@ def test_evaluation_counts_every_test_image(mnist):
 def test_epoch_uses_every_example_once_with_a_short_last_batch(mnist):
     n, batch = 300, 128  # 2 full batches and one of 44
     engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n)
-    state = engine.init(jax.random.key(0))
-    state, sums = engine.train_epoch(state, jnp.asarray(mnist.train_images[:n]), jnp.asarray(mnist.train_labels[:n]),
-                                     jax.random.key(1), 0)  # fmt: skip
-    assert int(sums["count"]) == n and int(state.step) == 3
+    states, keys = engine.init_seeds([1])
+    states, sums = engine.train_epoch(states, jnp.asarray(mnist.train_images[:n]), jnp.asarray(mnist.train_labels[:n]),
+                                      keys, 0)  # fmt: skip
+    assert sums["count"].tolist() == [n] and states.step.tolist() == [3]
 
 
 def test_non_finite_loss_stops_the_run(mnist, tmp_path):

@@ -1,0 +1,76 @@
+"""Per-layer summary of a model: kind, output shape, parameters and receptive field (computed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jax_mnist.zoo import INPUT_SHAPE, ConvSpec, GapSpec, LayerSpec, PoolSpec, count_params, get_model
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    receptive_field: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    rows: tuple[LayerRow, ...]
+    total_params: int
+    running_stats: int  # BatchNorm running means/vars: state, not parameters
+    receptive_field: int
+
+    def format(self) -> str:
+        header = f"{'layer':<12} {'kind':<30} {'output (N,H,W,C)':<20} {'params':>10} {'RF':>4}"
+        lines = [f"{self.model}", header, "-" * len(header)]
+        for r in self.rows:
+            shape = "(" + ", ".join(["N", *map(str, r.output_shape[1:])]) + ")"
+            lines.append(f"{r.name:<12} {r.kind:<30} {shape:<20} {r.params:>10,} {r.receptive_field:>4}")
+        lines.append("-" * len(header))
+        lines.append(f"trainable params: {self.total_params:,}")
+        lines.append(f"BatchNorm running statistics (not trained): {self.running_stats:,}")
+        lines.append(f"receptive field at the output: {self.receptive_field}")
+        return "\n".join(lines)
+
+
+def _rf_kernel_stride(layer: LayerSpec, input_hw: int) -> tuple[int, int]:
+    if isinstance(layer, ConvSpec):
+        return layer.kernel, 1
+    if isinstance(layer, PoolSpec):
+        return 2, 2
+    if isinstance(layer, GapSpec):
+        return input_hw, 1  # averages the whole map: a kernel as large as its input
+    return 1, 1
+
+
+def summarize(name: str) -> Summary:
+    """Per-layer name, kind, output shape, parameter count and receptive field (computed)."""
+    model = get_model(name)
+    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"]),
+        variables,
+        x,
+    )
+    intermediates = state["intermediates"]
+    params = variables["params"]
+    rows, rf, jump, hw = [], 1, 1, INPUT_SHAPE[0]
+    for layer in model.layers:
+        kernel, stride = _rf_kernel_stride(layer, hw)
+        rf += (kernel - 1) * jump
+        jump *= stride
+        out_shape = tuple(intermediates[layer.name]["__call__"][0].shape)
+        hw = out_shape[1]
+        rows.append(LayerRow(layer.name, layer.kind, out_shape, count_params(params.get(layer.name, {})), rf))
+    running = count_params(variables.get("batch_stats", {}))
+    return Summary(name, tuple(rows), count_params(params), running, rf)
+
+

@@ -1,0 +1,93 @@
+"""PyTorch checkpoints of the original models: state_dict keys mapped onto Flax variables."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mnist.errors import CheckpointError
+from jax_mnist.zoo import ConvSpec, check_model_name, get_model, init_variables, model_layers, torch_layout
+
+
+
+def _torch_key_map(name: str) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """PyTorch state_dict key -> (Flax variable path, array transform)."""
+    layers, layout = model_layers(name), torch_layout(name)
+    oihw_to_hwio = lambda w: w.transpose(2, 3, 1, 0)
+    same = lambda a: a
+    mapping = {}
+    for layer in layers:
+        if not isinstance(layer, ConvSpec):
+            continue
+        conv = layer.name if layout == "plain" else f"{layer.name}.0"
+        mapping[f"{conv}.weight"] = (("params", layer.name, "conv", "kernel"), oihw_to_hwio)
+        if layer.bias:
+            mapping[f"{conv}.bias"] = (("params", layer.name, "conv", "bias"), same)
+        if layer.batchnorm:
+            # Position of the BN inside the PyTorch nn.Sequential: after conv (1) or after ReLU (2).
+            bn = f"{layer.name}.{1 if layer.order == 'bn_relu' else 2}"
+            mapping[f"{bn}.weight"] = (("params", layer.name, "bn", "scale"), same)
+            mapping[f"{bn}.bias"] = (("params", layer.name, "bn", "bias"), same)
+            mapping[f"{bn}.running_mean"] = (("batch_stats", layer.name, "bn", "mean"), same)
+            mapping[f"{bn}.running_var"] = (("batch_stats", layer.name, "bn", "var"), same)
+    return mapping
+
+
+def _to_numpy(value):
+
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def read_torch_checkpoint(path) -> dict:
+    """Read a ``.pt`` state_dict with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs PyTorch: pip install torch") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of key -> tensor), found {type(state).__name__}")
+    return dict(state)
+
+
+def load_torch_state_dict(name: str, state_dict) -> dict:
+    """Variables ``{'params', 'batch_stats'}`` for model ``name`` from a PyTorch state_dict.
+
+    ``state_dict`` maps original keys to arrays (numpy or torch tensors), or is
+    the path of a ``.pt`` file. Raises ``CheckpointError`` (a ``ValueError``) naming any missing,
+    unexpected or mis-shaped key.
+    """
+    check_model_name(name)
+    if not isinstance(state_dict, Mapping):
+        state_dict = read_torch_checkpoint(state_dict)
+    mapping = _torch_key_map(name)
+    # num_batches_tracked is PyTorch bookkeeping with no Flax counterpart: accepted, ignored.
+    ignorable = {k for k in state_dict if k.endswith(".num_batches_tracked")
+                 and k.replace("num_batches_tracked", "running_mean") in mapping}  # fmt: skip
+    unexpected = sorted(set(state_dict) - set(mapping) - ignorable)
+    missing = [k for k in mapping if k not in state_dict]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"state_dict does not fit {name}: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    expected = jax.eval_shape(lambda: init_variables(get_model(name), jax.random.key(0)))
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for key, (path, transform) in mapping.items():
+        array = transform(_to_numpy(state_dict[key]))
+        want = expected
+        for p in path:
+            want = want[p]
+        if tuple(array.shape) != tuple(want.shape):
+            torch_shape = tuple(_to_numpy(state_dict[key]).shape)
+            want_torch = tuple(want.shape[i] for i in (3, 2, 0, 1)) if len(want.shape) == 4 else tuple(want.shape)
+            raise CheckpointError(f"{name}: key {key!r} has shape {torch_shape}, expected {want_torch}")
+        node = variables
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jnp.asarray(array, jnp.float32)
+    return variables
