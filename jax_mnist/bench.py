@@ -20,6 +20,7 @@ Data are random uint8 images of MNIST's shape: the timings do not depend on pixe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,30 @@ import numpy as np
 from jax_mnist import host_memory
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.engine import Engine
+
+
+# jax.monitoring events: one per function traced (also when the persistent cache then serves
+# the executable), one per executable XLA actually compiles.
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Yields ``{"traces": n, "compiles": m}``, counting while the block runs."""
+    counts = {"traces": 0, "compiles": 0}
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == TRACE_EVENT:
+            counts["traces"] += 1
+        elif event == COMPILE_EVENT:
+            counts["compiles"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _timed(fn: Callable[[], object]) -> float:

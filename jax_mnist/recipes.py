@@ -49,6 +49,9 @@ class Recipe:
     # conv_impl "auto" = im2col on CPU, XLA's convolution on GPU/TPU; dropout_impl "fused" or "flax".
     conv_impl: str = "auto"
     dropout_impl: str = "fused"
+    # Several seeds trained together: "vmap" (one batched program), "map" (seeds in turn inside one
+    # program), "auto" = map on CPU (faster there), vmap on GPU/TPU. A single seed ignores it.
+    seed_axis: str = "auto"
 
     def __post_init__(self):
         check = [
@@ -64,6 +67,7 @@ class Recipe:
             (self.step_size >= 1, f"step_size must be >= 1, found {self.step_size}"),
             (self.conv_impl in ("auto", "im2col", "xla"), f"conv_impl must be auto, im2col or xla, found {self.conv_impl!r}"),
             (self.dropout_impl in ("fused", "flax"), f"dropout_impl must be fused or flax, found {self.dropout_impl!r}"),
+            (self.seed_axis in ("auto", "vmap", "map"), f"seed_axis must be auto, vmap or map, found {self.seed_axis!r}"),
         ]  # fmt: skip
         for ok, message in check:
             if not ok:

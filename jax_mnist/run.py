@@ -31,7 +31,7 @@ import numpy as np
 
 from jax_mnist.data import Mnist
 from jax_mnist.recipes import Recipe
-from jax_mnist.engine import Engine, TrainState, make_schedules, seed_slice, stack_seeds, steps_per_epoch
+from jax_mnist.engine import Engine, TrainState, seed_slice, stack_seeds, steps_per_epoch
 from jax_mnist.errors import JaxMnistError
 
 
@@ -244,11 +244,10 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
             log(f"seed {run.seed}: resumed from the checkpoint of epoch {start_epoch} in {run.out / 'checkpoints'}")
     train_examples = train_set[1].shape[0]
     per_epoch = steps_per_epoch(train_examples, recipe.batch_size)
-    lr_schedule, _ = make_schedules(recipe, per_epoch)
     bar = _Progress(recipe.epochs, per_epoch, recipe.batch_size * len(seeds), progress_enabled)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
-        lr = float(lr_schedule(epoch * per_epoch))
+        lr = engine.learning_rate(epoch * per_epoch)
         bar.start_epoch(epoch, first_in_process=epoch == start_epoch)
         states, sums = engine.train_epoch(states, *train_set, keys, epoch, progress=bar)
         train_losses = sums["loss_sum"] / sums["count"]

@@ -61,3 +61,14 @@ def compilation_cache(tmp_path_factory):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     yield path
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, mnist):
+    """Seed 1 of the small configuration (tests/helpers.py), trained once per test session."""
+    from jax_mnist.run import train
+    from tests.helpers import SUBSET, small_recipe
+
+    out = tmp_path_factory.mktemp("straight")
+    history = train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, log=lambda s: None)
+    return out, history

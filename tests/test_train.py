@@ -10,40 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_mnist.engine import Engine, compiler_options
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
-from jax_mnist.engine import Engine, compiler_options
 
-# A small but real configuration: model 8 with dropout, StepLR, rotation, 1,000 examples.
-SUBSET = 1000
-SMALL = {"epochs": 3, "batch_size": 128, "step_size": 2}
-EPOCH_KEYS = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds"]
-
-
-def small_recipe(**extra):
-    return with_overrides(get_recipe("final"), {**SMALL, **extra})
-
-
-def numbers(history):
-    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
-
-
-def final_params(out):
-    from jax_mnist.run import _checkpoint_manager, restore_state
-
-    recipe = small_recipe()
-    manager = _checkpoint_manager(out)
-    like = Engine.from_recipe(recipe, SUBSET).init(jax.random.key(0))
-    state = restore_state(manager, manager.latest_step(), like)
-    return jax.tree_util.tree_map(np.asarray, state)
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("straight")
-    history = train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, log=lambda s: None)
-    return out, history
-
+from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, numbers, small_recipe
 
 def test_metrics_file_and_config(straight_run):
     out, history = straight_run
