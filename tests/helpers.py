@@ -29,3 +29,26 @@ def final_params(out):
     state = restore_state(manager, manager.latest_step(), like)
     manager.close()
     return jax.tree_util.tree_map(np.asarray, state)
+
+
+def kill_then_resume(seed_args: list[str], out, data_dir, kill_at: str):
+    """``jax-mnist train`` of the small configuration, SIGKILLed as soon as a line starting with
+    ``kill_at`` is printed (that epoch's checkpoints are complete then), then run with --resume.
+    Returns the resumed run's CompletedProcess."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final", *seed_args, "--out", str(out),
+           "--train-examples", str(SUBSET), "--data-dir", str(data_dir), "--no-download",
+           "--epochs", "3", "--batch-size", "128", "--set", "step_size=2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(kill_at):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before printing {kill_at!r}"
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done

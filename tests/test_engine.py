@@ -2,7 +2,6 @@
 
 import ast
 import importlib.metadata
-import io
 import re
 import sys
 import tomllib

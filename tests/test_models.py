@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_mnist import models
 from jax_mnist.errors import ConfigError
 from jax_mnist.models import MODEL_NAMES, count_params, get_model, init_variables, resolve_conv_impl, summarize
 

@@ -2,9 +2,7 @@
 writes what a single-seed run writes, and resumes exactly after kill -9."""
 
 import json
-import signal
-import subprocess
-import sys
+import re
 
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ from jax_mnist.cli import parse_seeds
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.run import seed_dirs, train, train_seeds
 
-from tests.helpers import SUBSET, final_params, numbers, small_recipe
+from tests.helpers import SUBSET, final_params, kill_then_resume, numbers, small_recipe
 
 SEEDS = (1, 2)
 
@@ -128,19 +126,8 @@ def unused_data():
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(multi_run, mnist_data_dir, tmp_path):
     out_straight, histories = multi_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final", "--seeds", "1-2", "--out", str(out),
-           "--train-examples", str(SUBSET), "--data-dir", str(mnist_data_dir), "--no-download",
-           "--epochs", "3", "--batch-size", "128", "--set", "step_size=2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Both seeds' epoch 1 is checkpointed once seed 2's line is out: kill during epoch 2.
-    for line in proc.stdout:
-        if line.startswith("epoch  1/3 seed 2"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # Both seeds' epoch 1 is checkpointed once seed 2's line is out: the kill lands in epoch 2.
+    done = kill_then_resume(["--seeds", "1-2"], out, mnist_data_dir, kill_at="epoch  1/3 seed 2")
     assert "seed 1: resumed from the checkpoint of epoch" in done.stdout
     for seed in SEEDS:
         rows = [json.loads(line) for line in (out / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
@@ -175,5 +162,5 @@ def test_parse_seeds(text, seeds):
                                           ("1-3,2", "names seed(s) [2] more than once"),
                                           ("5-1", "--seeds names no seed")])  # fmt: skip
 def test_parse_seeds_errors(text, message):
-    with pytest.raises(JaxMnistError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(JaxMnistError, match=re.escape(message)):
         parse_seeds(text)

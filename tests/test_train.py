@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +11,7 @@ from jax_mnist.engine import Engine, compiler_options
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
 
-from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, numbers, small_recipe
+from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, kill_then_resume, numbers, small_recipe
 
 def test_metrics_file_and_config(straight_run):
     out, history = straight_run
@@ -58,20 +55,9 @@ def test_interrupted_then_resumed_equals_straight(straight_run, mnist, tmp_path)
 def test_sigkill_mid_epoch_then_resume_equals_straight(straight_run, mnist_data_dir, tmp_path):
     out_straight, history = straight_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final", "--seed", "1", "--out", str(out),
-           "--train-examples", str(SUBSET), "--data-dir", str(mnist_data_dir), "--no-download",
-           "--epochs", "3", "--batch-size", "128", "--set", "step_size=2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Kill it as soon as epoch 1 is reported (its checkpoint is complete then): epoch 2 is under way.
-    for line in proc.stdout:
-        if line.startswith("epoch  1/3"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    assert len((out / "metrics.jsonl").read_text().splitlines()) in (1, 2)
-    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # Killed as soon as epoch 1 is reported (its checkpoint is complete then): epoch 2 is under way.
+    done = kill_then_resume(["--seed", "1"], out, mnist_data_dir, kill_at="epoch  1/3")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert "resumed from the checkpoint of epoch" in done.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert numbers(rows) == numbers(history)
