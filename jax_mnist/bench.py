@@ -233,6 +233,7 @@ def bench_seeds(recipe_name: str, seeds: int, batch_size: int, num_examples: int
     sequential_s = [epoch_seconds(seed_list) for seed_list in alone]
     return {
         "seeds": seeds,
+        "seed_axis": engine.seed_axis,
         "examples_per_epoch": num_examples,
         "together_epoch_s": together_s,
         "sequential_epoch_s": sum(sequential_s),
@@ -322,7 +323,7 @@ def format_result(result: dict) -> str:
     if "multi_seed" in result:
         m = result["multi_seed"]
         mib = lambda b: f"{b.get('total', 0) / 2**20:.0f} MiB" if b else "n/a"
-        lines.append(f"  {m['seeds']} seeds, one epoch of {m['examples_per_epoch']:,} images each: together (vmapped) "
+        lines.append(f"  {m['seeds']} seeds, one epoch of {m['examples_per_epoch']:,} images each: together ({m['seed_axis']}) "
                      f"{m['together_epoch_s']:.1f} s, one after another {m['sequential_epoch_s']:.1f} s "
                      f"= {m['together_speedup']:.2f}x; epoch-program memory {mib(m['program_bytes_together'])} "
                      f"vs {mib(m['program_bytes_one_seed'])} for one seed")  # fmt: skip
