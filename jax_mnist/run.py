@@ -4,18 +4,16 @@
 program, each into its own directory (``seed_dirs``: ``<out>/seed-<s>``) with exactly the
 files a single-seed run of it writes.
 
-Layout of a run directory:
-- ``config.json``: the resolved recipe, seed, number of training examples, versions, device.
-- ``metrics.jsonl``: one JSON object per finished epoch (``epoch`` 1-based, ``lr``,
-  ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``epoch_seconds``;
-  accuracies in percent).
-- ``checkpoints/<epoch>/``: orbax checkpoints of the train state after each epoch
-  (written to a temporary directory and renamed when complete, so only whole
-  checkpoints are ever seen).
+A run directory (``jax_mnist.rundir`` checks, locks and verifies it) holds ``config.json``,
+``metrics.jsonl`` (one JSON object per finished epoch: ``epoch`` 1-based, ``lr``,
+``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``epoch_seconds``;
+accuracies in percent), the orbax checkpoints of the last two epochs and of the best one,
+and their digests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,19 +22,26 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from jax_mnist.data import Mnist
+from jax_mnist.engine import Engine, seed_slice, stack_seeds, steps_per_epoch
 from jax_mnist.recipes import Recipe
-from jax_mnist.engine import Engine, TrainState, seed_slice, stack_seeds, steps_per_epoch
-from jax_mnist.errors import JaxMnistError
-
-
-class RunError(JaxMnistError, ValueError):
-    """A run that cannot start or go on (bad arguments, a foreign --out, non-finite loss)."""
+from jax_mnist.rundir import (  # noqa: F401  (RunError, run_identity, load_run: public here too)
+    Checkpoints,
+    Run,
+    RunError,
+    check_run_dir,
+    load_run,
+    locked,
+    read_metrics,
+    run_identity,
+    write_atomically,
+    write_metrics,
+)
 
 
 class NonFiniteLoss(RunError):
@@ -54,31 +59,6 @@ def _versions() -> dict[str, str]:
 def _device() -> dict[str, object]:
     device = jax.devices()[0]
     return {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
-
-
-def run_identity(recipe: Recipe, seed: int, train_examples: int) -> dict:
-    """What must match for a run directory to be resumed (everything that changes the numbers)."""
-    return {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
-
-
-def _checkpoint_manager(out_dir: Path):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
-
-
-def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= up_to_epoch]
-
-
-def _write_lines_atomically(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 class _Progress:
@@ -122,25 +102,14 @@ class _SeedRun:
 
     seed: int
     out: Path
-    manager: object
+    checkpoints: Checkpoints
     history: list[dict]
     start_epoch: int
+    state: Any = None  # the restored state of start_epoch (None: start from the seed's init)
 
-
-def _open_run(recipe: Recipe, seed: int, out: Path, train_examples: int, resume: bool) -> tuple[Path, dict]:
-    """Check that ``out`` can hold (or continue) this run; returns its config path and identity."""
-    identity = run_identity(recipe, seed, train_examples)
-    config_path = out / "config.json"
-    if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        if {k: previous.get(k) for k in identity} != identity:
-            raise RunError(f"{out} holds a different run (recipe {previous.get('recipe', {}).get('name')!r}, "
-                           f"seed {previous.get('seed')}); refusing to overwrite it: choose another --out")  # fmt: skip
-        if not resume:
-            raise RunError(f"{out} already holds this run; pass --resume to continue it, or choose another --out")
-    elif resume and out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} has no config.json: nothing to resume")
-    return config_path, identity
+    @property
+    def best_accuracy(self) -> float:
+        return max((row["test_accuracy"] for row in self.history), default=-math.inf)
 
 
 def train(
@@ -169,6 +138,9 @@ def seed_dirs(out_dir: str | os.PathLike, seeds: Sequence[int]) -> dict[int, Pat
     return {s: Path(out_dir) / f"seed-{s}" for s in seeds}
 
 
+MAX_SEED = 2**63 - 1  # jax.random.key takes a 64-bit seed
+
+
 def train_seeds(
     recipe: Recipe,
     data: Mnist,
@@ -183,53 +155,86 @@ def train_seeds(
     """Train ``recipe`` for every seed in ``run_dirs`` (seed -> run directory) in one compiled program.
 
     Each directory receives exactly what a single-seed ``train`` of that seed writes. With
-    ``resume``, finished seeds are skipped and the others continue from their last checkpoint
+    ``resume``, finished seeds are skipped and the others continue from their last good checkpoint
     (seeds that stopped at different epochs are continued in groups, one group per epoch).
+    Every directory is checked before anything is written in any of them.
     Returns each seed's metrics of every epoch. ``progress``: show the bar (default: on a terminal).
     """
     num_train = data.train_labels.shape[0]
     train_examples = num_train if train_examples is None else train_examples
     if not run_dirs:
         raise RunError("no seeds to train")
+    bad_seeds = [s for s in run_dirs if not (isinstance(s, int) and 0 <= s <= MAX_SEED)]
+    if bad_seeds:
+        raise RunError(f"seeds must be whole numbers from 0 to 2**63 - 1, found {bad_seeds[0]}")
     if not 1 <= train_examples <= num_train:
         raise RunError(f"--train-examples must be between 1 and {num_train}, found {train_examples}")
     if recipe.batch_size > train_examples:
         raise RunError(f"batch size {recipe.batch_size} is larger than the {train_examples} training examples")
-
-    runs = []
-    for seed, out_dir in run_dirs.items():
-        out = Path(out_dir)
-        config_path, identity = _open_run(recipe, seed, out, train_examples, resume)
-        if not config_path.exists():
-            config = {**identity, "versions": _versions(), "device": _device()}
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                config_path.write_text(json.dumps(config, indent=2) + "\n")
-            except OSError as e:
-                raise RunError(f"{out}: cannot write the run directory ({e.strerror})") from None
-        manager = _checkpoint_manager(out)
-        start = manager.latest_step() if resume and manager.latest_step() is not None else 0
-        history = _read_metrics(out / "metrics.jsonl", start)
-        _write_lines_atomically(out / "metrics.jsonl", history)  # drop lines of an epoch whose checkpoint never completed
-        runs.append(_SeedRun(seed, out, manager, history, start))
+    plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
+    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(out.iterdir())}
+    if resume and len(plans) > 1 and not started:
+        raise RunError(f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
+                       "nothing to resume (drop --resume to start the runs)")  # fmt: skip
+    # With --resume, seeds of a multi-seed run that have not started yet start now.
+    previous = {seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
+                for seed, (out, identity) in plans.items()}  # fmt: skip
 
     engine = Engine.from_recipe(recipe, train_examples)
-    train_set = engine.put_shared((data.train_images[:train_examples], data.train_labels[:train_examples]))
-    test_set = engine.put_shared((data.test_images, data.test_labels))
-    groups: dict[int, list[_SeedRun]] = {}
-    for run in runs:
-        if run.start_epoch >= recipe.epochs:
-            log(f"seed {run.seed}: all {recipe.epochs} epochs are done in {run.out}")
-        else:
-            groups.setdefault(run.start_epoch, []).append(run)
-    try:
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(_opened(engine, recipe, seed, out, identity, previous[seed], log))
+                for seed, (out, identity) in plans.items()]  # fmt: skip
+        train_set = engine.put_shared((data.train_images[:train_examples], data.train_labels[:train_examples]))
+        test_set = engine.put_shared((data.test_images, data.test_labels))
+        groups: dict[int, list[_SeedRun]] = {}
+        for run in runs:
+            if run.start_epoch >= recipe.epochs:
+                log(f"seed {run.seed}: all {recipe.epochs} epochs are done in {run.out}")
+            else:
+                groups.setdefault(run.start_epoch, []).append(run)
         for start_epoch, group in sorted(groups.items()):
             _train_group(engine, recipe, group, start_epoch, train_set, test_set, log, on_epoch_end, progress,
-                         name_seeds=len(runs) > 1)
-    finally:
-        for run in runs:
-            run.manager.close()
+                         name_seeds=len(runs) > 1)  # fmt: skip
     return {run.seed: run.history for run in runs}
+
+
+@contextlib.contextmanager
+def _opened(engine: Engine, recipe: Recipe, seed: int, out: Path, identity: dict, previous: dict | None, log):
+    """The run directory of one seed, locked, with its checkpoints verified and history restored."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    with locked(out):
+        checkpoints = Checkpoints(out, warn=lambda message: log(f"warning: {message}"))
+        try:
+            run = _SeedRun(seed, out, checkpoints, [], 0)
+            if previous is None:  # a new run (or one that stopped before its first checkpoint)
+                for leftover in ("metrics.jsonl", "digests.json"):
+                    (out / leftover).unlink(missing_ok=True)
+                config = {**identity, "versions": _versions(), "device": _device()}
+                write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
+            else:
+                _restore(engine, run, previous, identity)
+            yield run
+        finally:
+            checkpoints.close()
+
+
+def _restore(engine: Engine, run: _SeedRun, previous: dict, identity: dict) -> None:
+    """Continue ``run`` from its newest good checkpoint; its history must reach that epoch."""
+    found = run.checkpoints.restore_latest_good(engine.init(jax.random.key(0)))
+    rows = read_metrics(run.out / "metrics.jsonl")
+    run.start_epoch, run.state = found if found is not None else (0, None)
+    history = [r for r in rows if r["epoch"] <= run.start_epoch]
+    if [r["epoch"] for r in history] != list(range(1, run.start_epoch + 1)):
+        raise RunError(f"{run.out / 'metrics.jsonl'} records epochs {[r['epoch'] for r in history]} but the checkpoints "
+                       f"reach epoch {run.start_epoch}: resuming would lose that history; restore the file, or "
+                       "start the run again in another --out")  # fmt: skip
+    run.history = history
+    write_metrics(run.out / "metrics.jsonl", history)  # drop rows of epochs whose checkpoint never completed
+    if previous.get("recipe") != identity["recipe"]:  # extended to more epochs (check_run_dir allowed it)
+        write_atomically(run.out / "config.json", json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n")
 
 
 def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_epoch: int, train_set, test_set,
@@ -238,8 +243,7 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
     seeds = [run.seed for run in group]
     states, keys = engine.init_seeds(seeds)
     if start_epoch:
-        restored = [restore_state(run.manager, start_epoch, seed_slice(states, k)) for k, run in enumerate(group)]
-        states = engine.put_seeds(stack_seeds(restored))
+        states = engine.put_seeds(stack_seeds([run.state for run in group]))
         for run in group:
             log(f"seed {run.seed}: resumed from the checkpoint of epoch {start_epoch} in {run.out / 'checkpoints'}")
     train_examples = train_set[1].shape[0]
@@ -255,7 +259,8 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
         if bad:
             bar.close()
             which = "" if len(seeds) == 1 else " for seed " + ", ".join(str(s) for s, _ in bad)
-            kept = ", ".join(f"{run.out / 'checkpoints'} (epoch {run.manager.latest_step() or 'none'})" for run in group)
+            kept = ", ".join(f"{run.out / 'checkpoints'} (epoch {max(run.checkpoints.epochs(), default='none')})"
+                             for run in group)  # fmt: skip
             raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. "
                                 f"The last good checkpoints are kept: {kept}")  # fmt: skip
         bar.status(f"evaluating {len(seeds)} seed(s) on {test_set[1].shape[0]:,} test images")
@@ -272,9 +277,10 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
                 "test_accuracy": tests[k]["accuracy"],
                 "epoch_seconds": epoch_seconds,
             }
+            best = row["test_accuracy"] > run.best_accuracy
             run.history.append(row)
-            _write_lines_atomically(run.out / "metrics.jsonl", run.history)
-            save_state(run.manager, epoch + 1, seed_slice(states, k))
+            write_metrics(run.out / "metrics.jsonl", run.history)
+            run.checkpoints.save(epoch + 1, seed_slice(states, k), best=best)
             bar.close()
             log(f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr {lr:.5f}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "
@@ -282,17 +288,3 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
             if on_epoch_end is not None:
                 on_epoch_end(run.seed, row)
     bar.close()
-
-
-def save_state(manager, epoch: int, state: TrainState) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(epoch, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-
-
-def restore_state(manager, epoch: int, like: TrainState) -> TrainState:
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-    return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))

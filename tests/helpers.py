@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 
-from jax_mnist.engine import Engine
 from jax_mnist.recipes import get_recipe, with_overrides
 
 # Model 8 with dropout, StepLR, rotation, 1,000 examples.
@@ -22,13 +21,9 @@ def numbers(history):
 
 def final_params(out):
     """The train state of ``out``'s last checkpoint, as numpy arrays."""
-    from jax_mnist.run import _checkpoint_manager, restore_state
+    from jax_mnist.run import load_run
 
-    manager = _checkpoint_manager(out)
-    like = Engine.from_recipe(small_recipe(), SUBSET).init(jax.random.key(0))
-    state = restore_state(manager, manager.latest_step(), like)
-    manager.close()
-    return jax.tree_util.tree_map(np.asarray, state)
+    return jax.tree_util.tree_map(np.asarray, load_run(out).state)
 
 
 def kill_then_resume(seed_args: list[str], out, data_dir, kill_at: str):

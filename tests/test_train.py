@@ -9,7 +9,7 @@ import pytest
 
 from jax_mnist.engine import Engine, compiler_options
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.run import NonFiniteLoss, RunError, train
+from jax_mnist.run import NonFiniteLoss, RunError, read_metrics, train
 
 from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, kill_then_resume, numbers, small_recipe
 
@@ -107,7 +107,7 @@ def test_non_finite_loss_stops_the_run(mnist, tmp_path):
     recipe = with_overrides(get_recipe("model_3_lighter_model"), {"epochs": 2, "batch_size": 100, "lr": 1e8})
     with pytest.raises(NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped"):
         train(recipe, mnist, tmp_path / "nan", train_examples=500, log=lambda s: None)
-    assert (tmp_path / "nan" / "metrics.jsonl").read_text() == ""  # nothing recorded for the bad epoch
+    assert read_metrics(tmp_path / "nan" / "metrics.jsonl") == []  # nothing recorded for the bad epoch
 
 
 def test_foreign_or_existing_run_directory_is_refused(straight_run, mnist, tmp_path):
