@@ -225,6 +225,9 @@ def _restore(engine: Engine, run: _SeedRun, previous: dict, identity: dict) -> N
     """Continue ``run`` from its newest good checkpoint; its history must reach that epoch."""
     found = run.checkpoints.restore_latest_good(engine.init(jax.random.key(0)))
     rows = read_metrics(run.out / "metrics.jsonl")
+    if found is None and rows:
+        raise RunError(f"{run.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "
+                       f"{len(rows)} epochs recorded in metrics.jsonl: start the run again in another --out")  # fmt: skip
     run.start_epoch, run.state = found if found is not None else (0, None)
     history = [r for r in rows if r["epoch"] <= run.start_epoch]
     if [r["epoch"] for r in history] != list(range(1, run.start_epoch + 1)):

@@ -244,6 +244,8 @@ class Checkpoints:
         target = self.out / kind / str(epoch)
         try:
             with _quiet_orbax():
+                if epoch in manager.all_steps():  # the same epoch run again after a fall-back: replace it
+                    manager.delete(epoch)
                 manager.save(epoch, args=ocp.args.StandardSave(state), force=True)
                 manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001  (orbax wraps the OSError in its own types)
@@ -273,6 +275,9 @@ class Checkpoints:
                 state = manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
             raise RunError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        if not self.digests_path.exists():  # written before jax-mnist kept digests
+            self.warn(f"{where}: not verified (no {self.digests_path.name}: written by an older jax-mnist)")
+            return state
         expected = self._digests().get(f"{kind}/{epoch}")
         if expected is None:
             raise RunError(f"{where}: no digest recorded in {self.digests_path}, so the checkpoint cannot be verified")
