@@ -12,6 +12,12 @@ class UserError(JaxMnistError):
     """Bad input from the user: printed as one line, no traceback."""
 
 
+class Interrupted(JaxMnistError):
+    """Ctrl-C, with what to do next: exit status 130, as a shell's for SIGINT."""
+
+    exit_code = 130
+
+
 def cmd_summary(args) -> None:
     from jax_mnist.summary import summarize
 
@@ -24,6 +30,39 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mnist-files", help="directory with the four official MNIST .gz files (default $JAX_MNIST_FILES, "
                    "else <data-dir>/downloads/manual)")  # fmt: skip
     g.add_argument("--no-download", action="store_true", help="never try tfds' network download")
+
+
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]; a bad one is argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number, found {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, found {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float, high_included: bool = True):
+    """An argparse type: a finite number in [low, high] (or [low, high))."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, found {text!r}") from None
+        if not (math.isfinite(value) and low <= value and (value <= high if high_included else value < high)):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{low}, {high}{']' if high_included else ')'}, found {text}")
+        return value
+
+    return parse
 
 
 def parse_set(pairs: list[str]) -> dict[str, str]:
@@ -71,6 +110,8 @@ def cmd_data(args) -> None:
 def cmd_show_augment(args) -> None:
     from jax_mnist.augment_grid import write_augment_grid
 
+    if args.scale[0] > args.scale[1]:
+        raise UserError(f"--scale MIN MAX: MIN must be <= MAX, found {args.scale[0]} > {args.scale[1]}")
     mnist = load_data(args)
     try:
         write_augment_grid(args.out, mnist.test_images[: args.images], args.copies, args.seed,
@@ -104,12 +145,14 @@ def cmd_train(args) -> None:
     try:
         train_seeds(recipe, data, run_dirs, resume=args.resume, train_examples=args.train_examples)
     except KeyboardInterrupt:
-        raise UserError(f"interrupted; the last complete epoch is checkpointed: continue with {again}")
+        raise Interrupted(f"interrupted; the last complete epoch is checkpointed: continue with {again}") from None
 
 
 def cmd_bench(args) -> None:
     from jax_mnist.bench import format_result, run_benchmark, write_json
 
+    if args.seeds and args.seeds_examples < args.batch_size:
+        raise UserError(f"--seeds-examples must be at least the batch size {args.batch_size}, found {args.seeds_examples}")
     overrides = parse_set(args.set)
     result = run_benchmark(args.recipe, args.batch_size, args.steps, args.warmup, args.compare_torch,
                            epoch=not args.no_epoch, overrides=overrides, seeds=args.seeds,
@@ -140,12 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-augment", help="PNG grid: test images (left column) and augmented copies")
     add_data_options(p)
     p.add_argument("--out", default="augment.png", help="PNG path (default augment.png)")
-    p.add_argument("--images", type=int, default=8, help="rows: how many test images")
-    p.add_argument("--copies", type=int, default=8, help="augmented copies per image")
-    p.add_argument("--degrees", type=float, default=7.0, help="rotation range +-degrees")
-    p.add_argument("--translate", type=float, default=0.0, help="affine translation, fraction of the size")
-    p.add_argument("--scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=whole_number(1, 10_000), default=8, help="rows: how many test images (1-10000)")
+    p.add_argument("--copies", type=whole_number(1, 100), default=8, help="augmented copies per image (1-100)")
+    p.add_argument("--degrees", type=number(0, 180), default=7.0, help="rotation range +-degrees")
+    p.add_argument("--translate", type=number(0, 1, high_included=False), default=0.0,
+                   help="affine translation, fraction of the size")  # fmt: skip
+    p.add_argument("--scale", type=number(0.01, 100), nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
+    p.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0)
     p.set_defaults(func=cmd_show_augment)
 
     from jax_mnist.recipes import RECIPE_NAMES
@@ -153,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe; metrics.jsonl, config.json and checkpoints in --out")
     p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, metavar="NAME", help=f"one of: {', '.join(RECIPE_NAMES)}")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, help="the run's seed (default 1)")
+    seeds.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="the run's seed (default 1)")
     seeds.add_argument("--seeds", metavar="SEEDS",
                        help="train several seeds together, e.g. 1-5 or 1,3,7: one run directory per seed, --out/seed-<s>")  # fmt: skip
     p.add_argument("--epochs", type=int)
@@ -163,21 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any recipe field, e.g. --set schedule=onecycle --set degrees=10")  # fmt: skip
     p.add_argument("--out", help="run directory (default runs/<recipe>-seed<seed>; with --seeds runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    p.add_argument("--train-examples", type=int, help="train on the first N training examples only")
+    p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only")
     add_data_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="compile and step times of a recipe's training step (optionally vs PyTorch)")
     p.add_argument("--recipe", default="final", choices=RECIPE_NAMES, metavar="NAME", help="default final (model 8)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=whole_number(1), default=256)
+    p.add_argument("--steps", type=whole_number(1), default=30, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=whole_number(0), default=5)
     p.add_argument("--compare-torch", action="store_true", help="time the same network in PyTorch eager too")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
-    p.add_argument("--seeds", type=int, default=0, metavar="K",
+    p.add_argument("--seeds", type=whole_number(0), default=0, metavar="K",
                    help="also time one epoch of K seeds trained together vs one after another")  # fmt: skip
-    p.add_argument("--seeds-examples", type=int, default=60_000, metavar="N",
+    p.add_argument("--seeds-examples", type=whole_number(1, 60_000), default=60_000, metavar="N",
                    help="training examples per epoch for --seeds (default 60000)")  # fmt: skip
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(func=cmd_bench)
@@ -193,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except Interrupted as e:
+        print(f"jax-mnist {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except JaxMnistError as e:
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
         return 2

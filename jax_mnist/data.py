@@ -18,6 +18,7 @@ builder). The path it takes:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -89,6 +90,8 @@ def read_idx(path: Path, magic: int, count: int) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except gzip.BadGzipFile as e:
+        if "CRC check failed" in str(e):  # a valid gzip header whose data does not check out
+            raise DataError(f"{path}: corrupt gzip data (CRC check failed)") from None
         raise DataError(f"{path}: not a gzip file ({e})") from None
     except (EOFError, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt gzip stream ({e})") from None
@@ -189,12 +192,39 @@ def _decode_with_data_source(data_dir: Path) -> Mnist:
     import tensorflow_datasets as tfds
 
     arrays = {}
-    for split in ("train", "test"):
-        source = tfds.data_source("mnist", split=split, data_dir=str(data_dir), download=False)
-        examples = source.__getitems__(range(len(source)))
-        arrays[f"{split}_images"] = np.stack([ex["image"] for ex in examples]).astype(np.uint8)
-        arrays[f"{split}_labels"] = np.array([ex["label"] for ex in examples], np.int32)
+    try:
+        with _quiet_tfds():
+            for split in ("train", "test"):
+                source = tfds.data_source("mnist", split=split, data_dir=str(data_dir), download=False)
+                examples = source.__getitems__(range(len(source)))
+                arrays[f"{split}_images"] = np.stack([ex["image"] for ex in examples]).astype(np.uint8)
+                arrays[f"{split}_labels"] = np.array([ex["label"] for ex in examples], np.int32)
+    except Exception as e:  # noqa: BLE001  (array_record and tfds raise many types for damaged files)
+        first_line = (str(e).splitlines() or [""])[0][:160]
+        raise DataError(f"{dataset_dir(data_dir)}: the prepared mnist is unreadable ({type(e).__name__}: {first_line}); "
+                        "delete that directory and run again to rebuild it from the official files") from None  # fmt: skip
     return Mnist(**arrays)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """tfds' progress bars only on a terminal, its stdout banner and absl warnings (OpenCV missing:
+    PIL decodes instead) out of the user's way; every setting is put back afterwards."""
+    import logging
+    import sys
+
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    absl = logging.getLogger("absl")
+    level, bars = absl.level, tqdm_utils._active
+    absl.setLevel(logging.ERROR)
+    tqdm_utils.display_progress_bar(sys.stderr.isatty())
+    try:
+        with contextlib.redirect_stdout(sys.stderr if sys.stderr.isatty() else io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
+        tqdm_utils.display_progress_bar(bars)
 
 
 def _decode_with_tensorflow(data_dir: Path) -> Mnist:
@@ -220,7 +250,23 @@ def _tfds_download(data_dir: Path) -> None:
     """tfds' stock download and prepare (needs the network and TensorFlow)."""
     import tensorflow_datasets as tfds
 
-    tfds.builder("mnist", data_dir=str(data_dir)).download_and_prepare()
+    with _quiet_tfds():
+        tfds.builder("mnist", data_dir=str(data_dir)).download_and_prepare()
+
+
+def _network_reachable(timeout: float = 3.0) -> str | None:
+    """None if the host tfds downloads MNIST from answers within ``timeout`` s, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    from tensorflow_datasets.image_classification import mnist
+
+    host = urlparse(mnist._MNIST_URL).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} unreachable: {e.strerror or e}"
+    return None
 
 
 # --------------------------------------------------------------------------- decoded-array cache
@@ -310,8 +356,12 @@ def load_mnist(
     else:
         mnist = _decode_with_tensorflow(data_dir)
     _check_loaded(mnist, dataset_dir(data_dir))
-    write_cache(cache, mnist)
-    log(f"loaded and decoded {dataset_dir(data_dir)} in {time.perf_counter() - start:.2f} s; cached to {cache}")
+    try:
+        write_cache(cache, mnist)
+        cached = f"cached to {cache}"
+    except OSError as e:  # a read-only or full disk: the arrays are decoded, go on without the cache
+        cached = f"not cached ({cache}: {e.strerror}); the next load decodes again"
+    log(f"loaded and decoded {dataset_dir(data_dir)} in {time.perf_counter() - start:.2f} s; {cached}")
     return mnist
 
 
@@ -326,6 +376,9 @@ def _prepare(data_dir: Path, mnist_files: Path | None, download: bool, log) -> N
                 f"in {where}, or name their directory with --mnist-files / ${ENV_MNIST_FILES}")  # fmt: skip
         if not download:
             raise DataError(f"no MNIST files found and download is off: {hint}")
+        unreachable = _network_reachable()
+        if unreachable:  # fail in seconds, before tfds starts (it would retry for minutes, leaving .tmp files)
+            raise DataError(f"no MNIST files found and no network for tfds' download ({unreachable}): {hint}")
         log("no MNIST files found; trying tensorflow-datasets' own download")
         try:
             _tfds_download(data_dir)
@@ -336,7 +389,8 @@ def _prepare(data_dir: Path, mnist_files: Path | None, download: bool, log) -> N
     log(f"verified the official files in {source}; preparing tfds mnist {TFDS_VERSION} (array_record) in {data_dir}")
     # tfds builds into a temporary directory and renames it when complete, so an
     # interrupted prepare never leaves a dataset that looks prepared.
-    _local_builder(data_dir, splits).download_and_prepare(file_format="array_record")
+    with _quiet_tfds():
+        _local_builder(data_dir, splits).download_and_prepare(file_format="array_record")
 
 
 def _check_loaded(mnist: Mnist, where: Path) -> None:

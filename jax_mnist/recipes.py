@@ -9,6 +9,7 @@ and on-device augmentation). Any field can be overridden (``with_overrides``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 
@@ -54,24 +55,77 @@ class Recipe:
     seed_axis: str = "auto"
 
     def __post_init__(self):
-        check = [
-            (self.model in MODEL_NAMES, f"model must be one of {', '.join(MODEL_NAMES)}, found {self.model!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, found {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, found {self.batch_size}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, found {self.eval_batch_size}"),
-            (self.lr > 0, f"lr must be > 0, found {self.lr}"),
-            (self.schedule in ("constant", "step", "onecycle"),
-             f"schedule must be constant, step or onecycle, found {self.schedule!r}"),
-            (self.augment in ("none", "rotate", "affine"), f"augment must be none, rotate or affine, found {self.augment!r}"),
-            (self.anneal in ("cos", "linear"), f"anneal must be cos or linear, found {self.anneal!r}"),
-            (self.step_size >= 1, f"step_size must be >= 1, found {self.step_size}"),
-            (self.conv_impl in ("auto", "im2col", "xla"), f"conv_impl must be auto, im2col or xla, found {self.conv_impl!r}"),
-            (self.dropout_impl in ("fused", "flax"), f"dropout_impl must be fused or flax, found {self.dropout_impl!r}"),
-            (self.seed_axis in ("auto", "vmap", "map"), f"seed_axis must be auto, vmap or map, found {self.seed_axis!r}"),
-        ]  # fmt: skip
-        for ok, message in check:
-            if not ok:
-                raise ConfigError(f"recipe {self.name}: {message}")
+        """Every field checked: one line naming the field, what it accepts and what was found."""
+        problem = _problem(self)
+        if problem:
+            raise ConfigError(f"recipe {self.name}: {problem}")
+
+
+_CHOICES = {
+    "schedule": ("constant", "step", "onecycle"),
+    "augment": ("none", "rotate", "affine"),
+    "anneal": ("cos", "linear"),
+    "conv_impl": ("auto", "im2col", "xla"),
+    "dropout_impl": ("fused", "flax"),
+    "seed_axis": ("auto", "vmap", "map"),
+}
+_INF = math.inf
+# field -> (low, high, low included, high included); every bound is finite or infinite, values finite.
+_RANGES = {
+    "epochs": (1, _INF, True, False),
+    "batch_size": (1, _INF, True, False),
+    "eval_batch_size": (1, _INF, True, False),
+    "step_size": (1, _INF, True, False),
+    "lr": (0, _INF, False, False),
+    "momentum": (0, 1, True, False),
+    "weight_decay": (0, _INF, True, False),
+    "gamma": (0, 1, False, True),
+    "pct_start": (0, 1, False, False),
+    "div_factor": (0, _INF, False, False),
+    "final_div_factor": (0, _INF, False, False),
+    "base_momentum": (0, 1, True, False),
+    "max_momentum": (0, 1, True, False),
+    "degrees": (0, 180, True, True),
+    "translate": (0, 1, True, False),
+    "scale_min": (0, _INF, False, False),
+    "scale_max": (0, _INF, False, False),
+    "dropout_rate": (0, 1, True, False),  # or None: the model's own rates
+}
+
+
+def _describe(low, high, low_in, high_in) -> str:
+    if high == _INF:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _problem(recipe: "Recipe") -> str | None:
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        value, kind = getattr(recipe, f.name), hints[f.name]
+        if f.name == "dropout_rate" and value is None:
+            continue
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{f.name} must be a whole number, found {value!r}"
+        if kind in (float, float | None) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{f.name} must be a number, found {value!r}"
+        if kind is bool and not isinstance(value, bool):
+            return f"{f.name} must be true or false, found {value!r}"
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            return f"{f.name} must be {', '.join(_CHOICES[f.name][:-1])} or {_CHOICES[f.name][-1]}, found {value!r}"
+        if f.name in _RANGES:
+            low, high, low_in, high_in = _RANGES[f.name]
+            inside = math.isfinite(value) and (low <= value if low_in else low < value) and (
+                value <= high if high_in else value < high)  # fmt: skip
+            if not inside:
+                return f"{f.name} must be {'a finite number ' if kind is not int else ''}{_describe(*_RANGES[f.name])}, found {value!r}"
+    if recipe.model not in MODEL_NAMES:
+        return f"model must be one of {', '.join(MODEL_NAMES)}, found {recipe.model!r}"
+    if recipe.base_momentum > recipe.max_momentum:
+        return f"base_momentum must be <= max_momentum ({recipe.max_momentum}), found {recipe.base_momentum}"
+    if recipe.scale_min > recipe.scale_max:
+        return f"scale_min must be <= scale_max ({recipe.scale_max}), found {recipe.scale_min}"
+    return None
 
 
 _ORIGINAL_LR = {name: 0.01 for name in MODEL_NAMES} | {"model_8_dropout_maxpool": 0.1}

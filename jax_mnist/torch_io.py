@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Mapping
 
 import jax
@@ -49,10 +50,46 @@ def read_torch_checkpoint(path) -> dict:
         import torch
     except ImportError:
         raise CheckpointError(f"reading {path} needs PyTorch: pip install torch") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if empty:
+        raise CheckpointError(f"{path}: empty file, not a PyTorch checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, which would run code from the file: never repeat it.
+        if "Unsupported global" in str(e) or "can still be loaded" in str(e):
+            raise CheckpointError(f"{path}: not a plain state_dict: it holds Python objects, and only tensors and "
+                                  "containers are loaded here; save model.state_dict() and load that") from None  # fmt: skip
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (it does not unpickle)") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+    return unwrap_state_dict(state, path)
+
+
+# Keys under which training scripts commonly save the model's state_dict inside a larger dict.
+_WRAPPERS = ("model_state_dict", "state_dict", "model")
+
+
+def unwrap_state_dict(state, where="state_dict") -> dict:
+    """The state_dict itself: unwrapped from ``{"model_state_dict": ...}``-style dicts, with the
+    ``module.`` prefix of ``nn.DataParallel`` dropped."""
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: expected a state_dict (a mapping of key -> tensor), found {type(state).__name__}")
-    return dict(state)
+        raise CheckpointError(f"{where}: expected a state_dict (a mapping of key -> tensor), found {type(state).__name__}")
+    for key in _WRAPPERS:
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    state = dict(state)
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def load_torch_state_dict(name: str, state_dict) -> dict:
@@ -63,7 +100,9 @@ def load_torch_state_dict(name: str, state_dict) -> dict:
     unexpected or mis-shaped key.
     """
     check_model_name(name)
-    if not isinstance(state_dict, Mapping):
+    if isinstance(state_dict, Mapping):
+        state_dict = unwrap_state_dict(state_dict)
+    else:
         state_dict = read_torch_checkpoint(state_dict)
     mapping = _torch_key_map(name)
     # num_batches_tracked is PyTorch bookkeeping with no Flax counterpart: accepted, ignored.
@@ -78,14 +117,14 @@ def load_torch_state_dict(name: str, state_dict) -> dict:
     expected = jax.eval_shape(lambda: init_variables(get_model(name), jax.random.key(0)))
     variables: dict = {"params": {}, "batch_stats": {}}
     for key, (path, transform) in mapping.items():
-        array = transform(_to_numpy(state_dict[key]))
         want = expected
         for p in path:
             want = want[p]
-        if tuple(array.shape) != tuple(want.shape):
-            torch_shape = tuple(_to_numpy(state_dict[key]).shape)
-            want_torch = tuple(want.shape[i] for i in (3, 2, 0, 1)) if len(want.shape) == 4 else tuple(want.shape)
-            raise CheckpointError(f"{name}: key {key!r} has shape {torch_shape}, expected {want_torch}")
+        want_torch = tuple(want.shape[i] for i in (3, 2, 0, 1)) if len(want.shape) == 4 else tuple(want.shape)
+        found = _to_numpy(state_dict[key])
+        if tuple(found.shape) != want_torch:
+            raise CheckpointError(f"{name}: key {key!r} has shape {tuple(found.shape)}, expected {want_torch}")
+        array = transform(found)
         node = variables
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -156,6 +156,7 @@ def test_failed_download_says_where_to_put_files(tmp_path, monkeypatch):
     def offline(data_dir):
         raise ConnectionError("no network")
 
+    monkeypatch.setattr(data, "_network_reachable", lambda timeout=3.0: None)  # the host answers, the download fails
     monkeypatch.setattr(data, "_tfds_download", offline)
     with pytest.raises(DataError, match=r"tfds download of mnist failed \(ConnectionError: no network\); put the"):
         load_mnist(tmp_path / "tfds")

@@ -1,0 +1,180 @@
+"""Bad input of every kind is one line, a non-zero exit, nothing written, no traceback."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+
+from jax_mnist import data as data_lib
+from jax_mnist.cli import main
+from jax_mnist.data import DataError, dataset_dir, load_mnist
+from jax_mnist.errors import CheckpointError
+
+
+def one_line_error(capsys, argv, message, tmp_path=None):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("degrees=nan", "degrees must be a finite number in [0, 180], found nan"),
+    ("momentum=-5", "momentum must be a finite number in [0, 1), found -5.0"),
+    ("dropout_rate=1.0", "dropout_rate must be a finite number in [0, 1), found 1.0"),
+    ("dropout_rate=-0.5", "dropout_rate must be a finite number in [0, 1), found -0.5"),
+    ("lr=inf", "lr must be a finite number > 0, found inf"),
+    ("gamma=0", "gamma must be a finite number in (0, 1], found 0.0"),
+    ("scale_min=2", "scale_min must be <= scale_max (1.0), found 2.0"),
+    ("base_momentum=0.99", "base_momentum must be <= max_momentum (0.95), found 0.99"),
+    ("epochs=2.5", "epochs takes an int, found '2.5'"),
+])  # fmt: skip
+def test_recipe_fields_are_checked_before_anything_is_written(setting, message, capsys, tmp_path):
+    out = tmp_path / "run"
+    one_line_error(capsys, ["train", "--recipe", "final", "--set", setting, "--out", str(out)], message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--recipe", "final", "--seed", "99999999999999999999"], "argument --seed: must be from 0 to"),
+    (["train", "--recipe", "final", "--seed", "-1"], "argument --seed: must be from 0 to"),
+    (["train", "--recipe", "final", "--train-examples", "0"], "argument --train-examples: must be >= 1, found 0"),
+    (["show-augment", "--copies", "-2"], "argument --copies: must be from 1 to 100, found -2"),
+    (["show-augment", "--images", "0"], "argument --images: must be from 1 to 10000, found 0"),
+    (["show-augment", "--degrees", "inf"], "argument --degrees: must be a finite number in [0, 180], found inf"),
+    (["bench", "--steps", "0"], "argument --steps: must be >= 1, found 0"),
+    (["bench", "--warmup", "x"], "argument --warmup: takes a whole number, found 'x'"),
+])  # fmt: skip
+def test_cli_numbers_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_show_augment_scale_order(capsys, tmp_path):
+    one_line_error(capsys, ["show-augment", "--scale", "1.2", "0.8", "--out", str(tmp_path / "a.png")],
+                   "--scale MIN MAX: MIN must be <= MAX, found 1.2 > 0.8")  # fmt: skip
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys, mnist_data_dir, tmp_path):
+    import jax_mnist.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jax_mnist.run, "train_seeds", interrupted)
+    code = main(["train", "--recipe", "final", "--seed", "3", "--out", str(tmp_path / "r"),
+                 "--data-dir", str(mnist_data_dir), "--no-download"])  # fmt: skip
+    assert code == 130
+    assert f"continue with --seed 3 --resume --out {tmp_path / 'r'}" in capsys.readouterr().err
+
+
+def test_a_crc_failure_says_corrupt_gzip_data(tmp_path):
+    raw = bytearray(gzip.compress(b"\x00" * 100))
+    raw[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: corrupt gzip data \(CRC check failed\)"):
+        data_lib.read_idx(path, data_lib.LABELS_MAGIC, 10_000)
+
+
+def test_offline_without_files_fails_at_once_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(data_lib, "_network_reachable", lambda timeout=3.0: "example.invalid unreachable: no route")
+    called = []
+    monkeypatch.setattr(data_lib, "_tfds_download", lambda data_dir: called.append(data_dir))
+    with pytest.raises(DataError, match="no MNIST files found and no network for tfds' download .* put the four official"):
+        load_mnist(tmp_path / "tfds", download=True, log=lambda s: None)
+    assert called == [] and not any((tmp_path / "tfds").rglob("*.tmp*"))
+
+
+def test_an_unwritable_cache_is_a_note_not_a_failure(monkeypatch, mnist_data_dir, tmp_path):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(mnist_data_dir, data_dir)
+    (dataset_dir(data_dir) / data_lib.CACHE_NAME).unlink()
+
+    def read_only(path, mnist):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(data_lib, "write_cache", read_only)
+    logged = []
+    mnist = load_mnist(data_dir, download=False, log=logged.append)
+    assert mnist.train_images.shape == (60_000, 28, 28, 1)
+    assert "not cached" in logged[-1] and "Read-only file system" in logged[-1]
+
+
+def test_a_corrupt_prepared_dataset_names_its_directory(mnist_data_dir, tmp_path):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(mnist_data_dir, data_dir)
+    (dataset_dir(data_dir) / data_lib.CACHE_NAME).unlink()
+    for record in dataset_dir(data_dir).glob("mnist-test.array_record*"):
+        record.write_bytes(record.read_bytes()[:100])
+    with pytest.raises(DataError, match="the prepared mnist is unreadable .*delete that directory and run again"):
+        load_mnist(data_dir, download=False, log=lambda s: None)
+
+
+# --------------------------------------------------------------------------- PyTorch state_dicts
+
+
+@pytest.fixture(scope="module")
+def model_4_state():
+    import torch
+
+    from jax_mnist.reference.torch_models import torch_model
+
+    torch.manual_seed(0)
+    return torch_model("model_4_batchnorm").state_dict()
+
+
+def test_torch_files_that_are_not_state_dicts(tmp_path):
+    from jax_mnist.models import load_torch_state_dict
+
+    text, empty = tmp_path / "notes.pt", tmp_path / "empty.pt"
+    text.write_text("not a checkpoint\n")
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="notes.pt: not a PyTorch checkpoint"):
+        load_torch_state_dict("model_4_batchnorm", text)
+    with pytest.raises(CheckpointError, match="empty.pt: empty file, not a PyTorch checkpoint"):
+        load_torch_state_dict("model_4_batchnorm", empty)
+
+
+def test_a_pickled_module_is_refused_without_suggesting_unsafe_loading(tmp_path, model_4_state):
+    import torch
+
+    from jax_mnist.models import load_torch_state_dict
+    from jax_mnist.reference.torch_models import torch_model
+
+    path = tmp_path / "whole_model.pt"
+    torch.save(torch_model("model_4_batchnorm"), path)
+    with pytest.raises(CheckpointError, match="whole_model.pt: not a plain state_dict") as error:
+        load_torch_state_dict("model_4_batchnorm", path)
+    assert "weights_only=False" not in str(error.value)
+
+
+@pytest.mark.parametrize("wrap", ["model_state_dict", "state_dict", "module_prefix"])
+def test_common_wrappers_are_unwrapped(wrap, tmp_path, model_4_state):
+    import torch
+
+    from jax_mnist.models import load_torch_state_dict
+
+    plain = load_torch_state_dict("model_4_batchnorm", model_4_state)
+    if wrap == "module_prefix":
+        wrapped = {f"module.{k}": v for k, v in model_4_state.items()}
+    else:
+        wrapped = {wrap: model_4_state, "epoch": 3}
+    path = tmp_path / "wrapped.pt"
+    torch.save(wrapped, path)
+    loaded = load_torch_state_dict("model_4_batchnorm", path)
+    np.testing.assert_array_equal(loaded["params"]["convblock1"]["conv"]["kernel"], plain["params"]["convblock1"]["conv"]["kernel"])
+
+
+def test_a_wrong_rank_tensor_names_its_key(model_4_state):
+    from jax_mnist.models import load_torch_state_dict
+
+    bad = dict(model_4_state)
+    bad["convblock1.0.weight"] = bad["convblock1.0.weight"].flatten()
+    with pytest.raises(CheckpointError, match=r"key 'convblock1.0.weight' has shape \(90,\), expected \(10, 1, 3, 3\)"):
+        load_torch_state_dict("model_4_batchnorm", bad)
