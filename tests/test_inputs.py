@@ -14,7 +14,7 @@ from jax_mnist.errors import CheckpointError
 
 def one_line_error(capsys, argv, message, tmp_path=None):
     code = main(argv)
-    err = capsys.readouterr().err
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("[jax_mnist.data]"))
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
 
@@ -178,3 +178,23 @@ def test_a_wrong_rank_tensor_names_its_key(model_4_state):
     bad["convblock1.0.weight"] = bad["convblock1.0.weight"].flatten()
     with pytest.raises(CheckpointError, match=r"key 'convblock1.0.weight' has shape \(90,\), expected \(10, 1, 3, 3\)"):
         load_torch_state_dict("model_4_batchnorm", bad)
+
+
+def test_preparing_the_data_off_a_terminal_prints_only_our_lines(mnist_files, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "data", "--data-dir", str(tmp_path / "tfds"),
+                           "--mnist-files", str(mnist_files)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("train (60000, 28, 28, 1)") and proc.stdout.count("\n") == 1
+    assert all(line.startswith("[jax_mnist.data] ") for line in proc.stderr.splitlines()), proc.stderr
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+
+
+def test_an_out_that_is_a_file_is_refused(capsys, mnist_data_dir, tmp_path):
+    out = tmp_path / "file"
+    out.write_text("mine")
+    one_line_error(capsys, ["train", "--recipe", "final", "--out", str(out), "--data-dir", str(mnist_data_dir),
+                            "--no-download"], f"{out}: not a directory")  # fmt: skip
+    assert out.read_text() == "mine"
