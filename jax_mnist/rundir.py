@@ -206,6 +206,29 @@ def _quiet_orbax():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _stderr_held():
+    """Hold what is written to file descriptor 2 (by Python or by C++ threads) while the block runs;
+    yields a list that receives it. A failed orbax save prints a traceback per pending write from
+    tensorstore's threads; the caller reports the failure in one line instead, and replays the
+    text when the block succeeded."""
+    import tempfile
+
+    sys.stderr.flush()
+    held: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held.append(sink.read().decode(errors="replace"))
+
+
 class Checkpoints:
     """The checkpoints of one run directory: the last two epochs, the best one, their digests."""
 
@@ -243,15 +266,20 @@ class Checkpoints:
 
         target = self.out / kind / str(epoch)
         try:
-            with _quiet_orbax():
+            with _quiet_orbax(), _stderr_held() as held:
                 if epoch in manager.all_steps():  # the same epoch run again after a fall-back: replace it
                     manager.delete(epoch)
                 manager.save(epoch, args=ocp.args.StandardSave(state), force=True)
                 manager.wait_until_finished()
+            if held[0]:
+                print(held[0], end="", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001  (orbax wraps the OSError in its own types)
             _remove_partial(self.out / kind, epoch)
             os_error = _os_error_in(e)
-            if os_error is not None and os_error.errno == errno.ENOSPC:
+            # tensorstore reports a full disk as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
+            disk_full = (os_error is not None and os_error.errno == errno.ENOSPC) or any(
+                marker in str(e) for marker in ("No space left on device", f"os_error_code='{errno.ENOSPC}'"))  # fmt: skip
+            if disk_full:
                 free = shutil.disk_usage(self.out).free
                 raise RunError(f"{target}: disk full while writing the checkpoint of epoch {epoch} "
                                f"({free:,} bytes free); the earlier checkpoints are intact: free some space "
