@@ -216,7 +216,7 @@ def _quiet_tfds():
     from tensorflow_datasets.core.utils import tqdm_utils
 
     absl = logging.getLogger("absl")
-    level, bars = absl.level, tqdm_utils._active
+    level, bars = absl.level, tqdm_utils._active  # tfds has no getter for its bar switch
     absl.setLevel(logging.ERROR)
     tqdm_utils.display_progress_bar(sys.stderr.isatty())
     try:

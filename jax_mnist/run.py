@@ -223,7 +223,7 @@ def _opened(engine: Engine, recipe: Recipe, seed: int, out: Path, identity: dict
 
 def _restore(engine: Engine, run: _SeedRun, previous: dict, identity: dict) -> None:
     """Continue ``run`` from its newest good checkpoint; its history must reach that epoch."""
-    found = run.checkpoints.restore_latest_good(engine.init(jax.random.key(0)))
+    found = run.checkpoints.restore_latest_good(jax.eval_shape(engine.init, jax.random.key(0)))
     rows = read_metrics(run.out / "metrics.jsonl")
     if found is None and rows:
         raise RunError(f"{run.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "

@@ -292,7 +292,9 @@ class Checkpoints:
         write_atomically(self.digests_path, json.dumps(digests, indent=1, sort_keys=True) + "\n")
 
     def restore(self, epoch: int, like, kind: str = "checkpoints"):
-        """The state saved as ``kind/epoch``, verified against its digest (RunError if it fails)."""
+        """The state saved as ``kind/epoch``, verified against its digest (RunError if it fails).
+
+        ``like``: a tree of arrays or ``ShapeDtypeStruct``s of the state's structure."""
         import orbax.checkpoint as ocp
 
         manager = self.last if kind == "checkpoints" else self.best
@@ -380,7 +382,7 @@ def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last") -> Run:
         seed, train_examples = int(config["seed"]), int(config["train_examples"])
     except (KeyError, TypeError) as e:
         raise RunError(f"{config_path}: not a run config of this version of jax-mnist ({e})") from None
-    like = Engine.from_recipe(recipe, train_examples).init(jax.random.key(0))
+    like = jax.eval_shape(Engine.from_recipe(recipe, train_examples).init, jax.random.key(0))
     checkpoints = Checkpoints(out)
     try:
         if checkpoint == "best":
