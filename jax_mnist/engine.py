@@ -32,7 +32,7 @@ from jax_mnist import schedules
 from jax_mnist.data import MEAN, STD
 from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
-from jax_mnist.streams import RunKeys, run_keys, shuffle_key, step_keys
+from jax_mnist.streams import RunKeys, run_keys, shuffle_key, stacked_run_keys, step_keys
 from jax_mnist.zoo import S7Net, get_model, init_variables
 
 
@@ -158,8 +158,7 @@ def over_seeds(fn: Callable, in_axes: Sequence[int | None], strategy: str = "vma
                 return fn(*(next(seed_args) if axis == 0 else a for a, axis in zip(args, in_axes)))
 
             return jax.lax.map(one_seed, stacked)
-        first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-        out = fn(*(first(a) if axis == 0 else a for a, axis in zip(args, in_axes)))
+        out = fn(*(seed_slice(a, 0) if axis == 0 else a for a, axis in zip(args, in_axes)))
         return jax.tree_util.tree_map(lambda x: x[None], out)
 
     return apply
@@ -311,9 +310,9 @@ class Engine:
 
         Each seed is initialised on its own, exactly as a single-seed run of it.
         """
-        keys = [run_keys(s) for s in seeds]
-        states = stack_seeds([self.init(k.init) for k in keys])
-        return self.put_seeds(states), self.put_seeds(stack_seeds(keys))
+        keys = stacked_run_keys(seeds)
+        states = stack_seeds([self.init(run_keys(s).init) for s in seeds])
+        return self.put_seeds(states), self.put_seeds(keys)
 
     # ------------------------------------------------------------------ step
 
