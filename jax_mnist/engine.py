@@ -147,7 +147,9 @@ def over_seeds(fn: Callable, in_axes: Sequence[int | None], strategy: str = "vma
     """
 
     def apply(*args):
-        (count,) = {jax.tree_util.tree_leaves(a)[0].shape[0] for a, axis in zip(args, in_axes) if axis == 0}
+        # Over all stacked leaves: an argument may have none (batch_stats of a model without BN).
+        stacked_leaves = jax.tree_util.tree_leaves([a for a, axis in zip(args, in_axes) if axis == 0])
+        (count,) = {leaf.shape[0] for leaf in stacked_leaves}
         if count > 1 and strategy == "vmap":
             return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
         if count > 1:

@@ -164,3 +164,20 @@ def test_parse_seeds(text, seeds):
 def test_parse_seeds_errors(text, message):
     with pytest.raises(JaxMnistError, match=re.escape(message)):
         parse_seeds(text)
+
+
+@pytest.mark.parametrize("seed_axis", ["map", "vmap"])
+def test_several_seeds_of_a_model_without_batch_norm(mnist, seed_axis):
+    """Models 1-3 have no batch_stats: the seed axis must be read from the other stacked values."""
+    from jax_mnist.engine import Engine
+
+    recipe = small_recipe(model="model_3_lighter_model", dropout_rate=None, seed_axis=seed_axis)
+    engine = Engine.from_recipe(recipe, SUBSET)
+    train_set = engine.put_shared((mnist.train_images[:SUBSET], mnist.train_labels[:SUBSET]))
+    test_set = engine.put_shared((mnist.test_images[:500], mnist.test_labels[:500]))
+    states, keys = engine.init_seeds([1, 2])
+    assert jax.tree_util.tree_leaves(states.batch_stats) == []
+    states, sums = engine.train_epoch(states, *train_set, keys, 0)
+    tests = engine.evaluate_seeds(states, *test_set)
+    assert len(tests) == 2 and tests[0] != tests[1]
+    assert sums["count"].tolist() == [SUBSET, SUBSET]
