@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from jax_mnist.errors import JaxMnistError
 
@@ -166,6 +169,123 @@ def cmd_bench(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_study(args) -> None:
+    from jax_mnist.study import STUDY_ORDER, describe_plan, plan, read_study, run_study
+
+    recipes = list(STUDY_ORDER) if not args.recipes else args.recipes
+    seeds = parse_seeds(args.seeds)
+    if args.dry_run:
+        study = read_study(args.out) if Path(args.out).is_dir() else {}
+        print(describe_plan(plan(args.out, recipes, seeds, args.max_epochs), study))
+        return
+    data = load_data(args)
+    try:
+        run_study(args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples)
+    except KeyboardInterrupt:
+        again = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"study --out {args.out}"
+        raise Interrupted(f"interrupted; every finished epoch is checkpointed: continue with jax-mnist {again}") from None
+
+
+def cmd_report(args) -> None:
+    from jax_mnist.report import pasted_section, paste_into, render_markdown, write_figures
+
+    out = Path(args.out or args.study)
+    if args.check:
+        if not args.readme:
+            raise UserError("--check compares a README with the report: name it with --readme")
+        readme = Path(args.readme)
+        expected = render_markdown(args.study, out, readme.parent, args.run)
+        if pasted_section(_read_text(readme), str(readme)) != expected:
+            raise UserError(f"{readme}: its report section is not what jax-mnist report {args.study} makes now; "
+                            f"regenerate it with: jax-mnist report {args.study} --readme {readme}")  # fmt: skip
+        print(f"{readme}: the report section equals the report of {args.study}")
+        return
+    try:
+        written = write_figures(args.study, out, args.run)
+        report_md = out / "report.md"
+        report_md.write_text(render_markdown(args.study, out, out, args.run))
+        written.append(report_md)
+        if args.readme:
+            readme = Path(args.readme)
+            section = render_markdown(args.study, out, readme.parent, args.run)
+            readme.write_text(paste_into(_read_text(readme), section, str(readme)))
+            written.append(readme)
+    except OSError as e:
+        raise UserError(f"{e.filename}: cannot write ({e.strerror})") from None
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def checkpoint_choice(text: str) -> str | int:
+    if text in ("best", "last"):
+        return text
+    try:
+        epoch = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes best, last or an epoch number, found {text!r}") from None
+    if epoch < 1:
+        raise argparse.ArgumentTypeError(f"epochs count from 1, found {epoch}")
+    return epoch
+
+
+def cmd_evaluate(args) -> None:
+    from jax_mnist.inference import evaluate_run, evaluation_paths, write_evaluation
+    from jax_mnist.rundir import load_run
+
+    run = load_run(args.run_dir, args.checkpoint)
+    data = load_data(args)
+    evaluation = evaluate_run(run, args.checkpoint, data.test_images, data.test_labels)
+    json_path, predictions_path = evaluation_paths(args.run_dir, args.checkpoint)
+    if args.out:
+        predictions_path = Path(args.out)
+        json_path = predictions_path.with_suffix(".json")
+    try:
+        write_evaluation(evaluation, json_path, predictions_path)
+    except OSError as e:
+        raise UserError(f"{e.filename}: cannot write ({e.strerror})") from None
+    print(f"{run.out}: {run.recipe.name} seed {run.seed}, checkpoint {args.checkpoint} (epoch {run.epoch})")
+    print(f"test loss {evaluation.loss:.4f}  accuracy {evaluation.accuracy:.2f}%  "
+          f"({int(np.sum(evaluation.predicted != evaluation.labels))} errors of {len(evaluation.labels):,})")
+    print("per class: " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(evaluation.per_class_accuracy)))
+    print(f"wrote {json_path} and {predictions_path}")
+
+
+def cmd_predict(args) -> None:
+    from jax_mnist.inference import inference_model, log_probabilities, read_image, variables_of
+    from jax_mnist.rundir import load_run
+
+    images = [read_image(path) for path in args.images]  # every file checked before the model loads
+    run = load_run(args.run_dir, args.checkpoint)
+    batch = np.stack([image for image, _ in images])
+    probabilities = np.exp(log_probabilities(inference_model(run.recipe), variables_of(run), batch))
+    for path, (_, notes), p in zip(args.images, images, probabilities):
+        best = int(np.argmax(p))
+        print(f"{path}: {best} (probability {p[best]:.4f})" + "".join(f"; {n}" for n in notes))
+        print("  " + "  ".join(f"{c}: {q:.4f}" for c, q in enumerate(p)))
+
+
+def cmd_export(args) -> None:
+    from jax_mnist.export import export_pytorch, export_stablehlo
+    from jax_mnist.rundir import load_run
+
+    run = load_run(args.run_dir, args.checkpoint)
+    if args.to == "pytorch":
+        state_dict = export_pytorch(run, args.path)
+        print(f"wrote {args.path}: PyTorch state_dict of {run.recipe.model} ({len(state_dict)} keys), "
+              f"epoch {run.epoch} of {run.out}; load it into the original class with load_state_dict")  # fmt: skip
+    else:
+        exported = export_stablehlo(run, args.path)
+        print(f"wrote {args.path}: jax.export of uint8 images (batch, 28, 28, 1) -> log-probabilities "
+              f"(batch, 10), epoch {run.epoch} of {run.out}, for {', '.join(exported.platforms)}; "
+              "load it with jax.export.deserialize(open(path, 'rb').read()).call(images)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_mnist.zoo import MODEL_NAMES
 
@@ -225,6 +345,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training examples per epoch for --seeds (default 60000)")  # fmt: skip
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    from jax_mnist.study import STUDY_ORDER
+
+    p = sub.add_parser("study", help="train every recipe x seed of the study that is not complete yet (resumable)")
+    p.add_argument("--out", default="results/study", help="study directory (default results/study)")
+    p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, metavar="NAME",
+                   help=f"recipes, in the order to run them (default: {' '.join(STUDY_ORDER)})")  # fmt: skip
+    p.add_argument("--seeds", default="1-5", help="seeds of every recipe, e.g. 1-5 (default) or 1,3,7")
+    p.add_argument("--max-epochs", type=whole_number(1), metavar="N",
+                   help="train at most N epochs of each recipe (a shortened run, marked so in the report)")
+    p.add_argument("--dry-run", action="store_true", help="print what is left and the time estimate, train nothing")
+    p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only (smoke tests)")
+    add_data_options(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="Markdown table and figures of a study, from its run directories")
+    p.add_argument("study", help="study directory, e.g. results/study")
+    p.add_argument("--out", help="where report.md and the PNGs go (default: the study directory)")
+    p.add_argument("--run", default="final_onecycle/seed-1", metavar="RECIPE/seed-S",
+                   help="the run whose test errors are drawn (its jax-mnist evaluate output; default final_onecycle/seed-1)")
+    p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
+    p.add_argument("--check", action="store_true", help="write nothing; fail if --readme's section differs from the report")
+    p.set_defaults(func=cmd_report)
+
+    checkpoint_help = "which weights: best, last (default) or an epoch number"
+    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and every prediction of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
+    p.add_argument("--out", help="predictions .npz (default RUN_DIR/predictions-<checkpoint>.npz; the figures "
+                   "go beside it as .json)")  # fmt: skip
+    add_data_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class and probabilities of image files (any size; MNIST polarity handled)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a run's network as a PyTorch state_dict or a serialized StableHLO function")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--to", required=True, choices=("pytorch", "stablehlo"))
+    p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo)")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

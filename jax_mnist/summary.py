@@ -26,6 +26,7 @@ class Summary:
     total_params: int
     running_stats: int  # BatchNorm running means/vars: state, not parameters
     receptive_field: int
+    multiply_adds: int  # of the convolutions, per image: what an epoch's time roughly scales with
 
     def format(self) -> str:
         header = f"{'layer':<12} {'kind':<30} {'output (N,H,W,C)':<20} {'params':>10} {'RF':>4}"
@@ -62,15 +63,18 @@ def summarize(name: str) -> Summary:
     )
     intermediates = state["intermediates"]
     params = variables["params"]
-    rows, rf, jump, hw = [], 1, 1, INPUT_SHAPE[0]
+    rows, rf, jump, hw, channels, macs = [], 1, 1, INPUT_SHAPE[0], INPUT_SHAPE[2], 0
     for layer in model.layers:
         kernel, stride = _rf_kernel_stride(layer, hw)
         rf += (kernel - 1) * jump
         jump *= stride
         out_shape = tuple(intermediates[layer.name]["__call__"][0].shape)
         hw = out_shape[1]
+        if isinstance(layer, ConvSpec):
+            macs += layer.kernel**2 * channels * out_shape[1] * out_shape[2] * out_shape[3]
+        channels = out_shape[-1]
         rows.append(LayerRow(layer.name, layer.kind, out_shape, count_params(params.get(layer.name, {})), rf))
     running = count_params(variables.get("batch_stats", {}))
-    return Summary(name, tuple(rows), count_params(params), running, rf)
+    return Summary(name, tuple(rows), count_params(params), running, rf, macs)
 
 

@@ -130,3 +130,42 @@ def load_torch_state_dict(name: str, state_dict) -> dict:
             node = node.setdefault(p, {})
         node[path[-1]] = jnp.asarray(array, jnp.float32)
     return variables
+
+
+def to_torch_state_dict(name: str, variables: Mapping, batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """The inverse of ``load_torch_state_dict``: a state_dict (numpy arrays, PyTorch layouts and
+    keys) that the original PyTorch class of ``name`` loads with ``strict=True``.
+
+    ``batches_tracked`` fills BatchNorm's ``num_batches_tracked``: the number of training steps
+    (PyTorch counts one per forward pass in train mode).
+    """
+    check_model_name(name)
+    state_dict = {}
+    for key, (path, _) in _torch_key_map(name).items():
+        value = variables
+        for p in path:
+            value = value[p]
+        value = np.asarray(value, np.float32)
+        state_dict[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value  # HWIO -> OIHW
+        if key.endswith(".running_var"):
+            state_dict[key.replace("running_var", "num_batches_tracked")] = np.asarray(batches_tracked, np.int64)
+    return state_dict
+
+
+def write_torch_checkpoint(path, state_dict: Mapping[str, np.ndarray]) -> None:
+    """``torch.save`` of the state_dict as tensors, written atomically."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"writing {path} needs PyTorch: pip install torch") from None
+    import io
+
+    buffer = io.BytesIO()  # serialised in memory: file errors are then ours to report
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(partial, path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None

@@ -1,0 +1,251 @@
+"""A trained run used as a classifier: per-image probabilities, a scored test set, images from files.
+
+``evaluate_run`` scores a checkpoint on a labelled set (loss, accuracy, per-class accuracy,
+confusion matrix, every prediction); ``write_evaluation`` stores it as
+``evaluation-<checkpoint>.json`` (the figures) and ``predictions-<checkpoint>.npz`` (per image:
+label, predicted class, probabilities; plus the misclassified images themselves, so a report can
+draw them from the run directory alone). ``read_image`` turns any image file into an MNIST-like
+28x28 uint8 digit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mnist.engine import normalize, preprocess
+from jax_mnist.errors import JaxMnistError
+from jax_mnist.layers import resolve_conv_impl
+from jax_mnist.recipes import Recipe
+from jax_mnist.rundir import Run, write_atomically
+from jax_mnist.zoo import S7Net, get_model
+
+NUM_CLASSES = 10
+
+
+class ImageError(JaxMnistError, ValueError):
+    """An image file that cannot be read as a digit."""
+
+
+def inference_model(recipe: Recipe, conv_impl: str | None = None) -> S7Net:
+    """The recipe's network for inference on the default device (``conv_impl`` overrides it)."""
+    overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
+    impl = conv_impl or resolve_conv_impl(recipe.conv_impl, jax.devices()[0].platform)
+    return get_model(recipe.model, conv_impl=impl, dropout_impl=recipe.dropout_impl, **overrides)
+
+
+def variables_of(run: Run) -> dict:
+    return {"params": run.state.params, "batch_stats": run.state.batch_stats}
+
+
+def log_probabilities_fn(model: S7Net):
+    """``f(variables, images_uint8 (N, 28, 28, 1)) -> log-probabilities (N, 10)``: the whole
+    preprocessing (scale, normalise) and the network in eval mode."""
+
+    def apply(variables, images_uint8):
+        return model.apply(variables, normalize(preprocess(images_uint8)), train=False)
+
+    return apply
+
+
+def log_probabilities(model: S7Net, variables: dict, images_uint8: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Log-probabilities of every image, float32 (N, 10); one compiled batch shape (the last batch padded)."""
+    apply = jax.jit(log_probabilities_fn(model))
+    n = len(images_uint8)
+    batch_size = max(1, min(batch_size, n))
+    out = []
+    for start in range(0, n, batch_size):
+        batch = images_uint8[start : start + batch_size]
+        pad = batch_size - len(batch)
+        padded = np.pad(batch, ((0, pad), (0, 0), (0, 0), (0, 0))) if pad else batch
+        out.append(np.asarray(apply(variables, jnp.asarray(padded)))[: len(batch)])
+    return np.concatenate(out).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """(10, 10) counts: row = true class, column = predicted class."""
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predicted.astype(np.int64)), 1)
+    return matrix
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint scored on a labelled set."""
+
+    run_dir: str
+    checkpoint: str  # "best", "last" or an epoch number, as asked
+    epoch: int  # the epoch whose weights were scored
+    labels: np.ndarray  # (N,) int
+    log_probabilities: np.ndarray  # (N, 10) float32
+    images: np.ndarray  # (N, 28, 28, 1) uint8, kept for the misclassified ones
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return np.exp(self.log_probabilities)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return np.argmax(self.log_probabilities, axis=1)
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood, as in training's metrics."""
+        picked = self.log_probabilities[np.arange(len(self.labels)), self.labels]
+        return float(-np.mean(picked.astype(np.float64)))
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * float(np.mean(self.predicted == self.labels))
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.labels, self.predicted)
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        matrix = self.confusion
+        return [100.0 * matrix[c, c] / max(1, matrix[c].sum()) for c in range(NUM_CLASSES)]
+
+    @property
+    def misclassified(self) -> np.ndarray:
+        """Indices of the wrong predictions, most confident first (ties by index)."""
+        wrong = np.flatnonzero(self.predicted != self.labels)
+        confidence = self.log_probabilities[wrong, self.predicted[wrong]]
+        return wrong[np.lexsort((wrong, -confidence))]
+
+    def summary(self) -> dict:
+        return {
+            "run_dir": self.run_dir, "checkpoint": self.checkpoint, "epoch": self.epoch,
+            "examples": int(len(self.labels)), "loss": self.loss, "accuracy": self.accuracy,
+            "errors": int(np.sum(self.predicted != self.labels)),
+            "per_class_accuracy": {str(c): a for c, a in enumerate(self.per_class_accuracy)},
+            "confusion": self.confusion.tolist(),
+        }  # fmt: skip
+
+
+def evaluate_run(run: Run, checkpoint: str | int, images_uint8: np.ndarray, labels: np.ndarray) -> Evaluation:
+    model = inference_model(run.recipe)
+    logp = log_probabilities(model, variables_of(run), images_uint8, run.recipe.eval_batch_size)
+    return Evaluation(str(run.out), str(checkpoint), run.epoch, np.asarray(labels, np.int64), logp, images_uint8)
+
+
+def evaluation_paths(run_dir: str | os.PathLike, checkpoint: str | int) -> tuple[Path, Path]:
+    """Where ``write_evaluation`` puts the figures (JSON) and the predictions (npz) of a checkpoint."""
+    name = checkpoint if checkpoint in ("best", "last") else f"epoch-{int(checkpoint)}"
+    return Path(run_dir) / f"evaluation-{name}.json", Path(run_dir) / f"predictions-{name}.npz"
+
+
+def write_evaluation(evaluation: Evaluation, json_path: Path, predictions_path: Path) -> None:
+    wrong = evaluation.misclassified
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = predictions_path.with_name(predictions_path.name + ".partial.npz")
+    np.savez_compressed(
+        partial,
+        label=evaluation.labels.astype(np.uint8),
+        predicted=evaluation.predicted.astype(np.uint8),
+        probabilities=evaluation.probabilities.astype(np.float32),
+        misclassified_index=wrong.astype(np.int32),  # most confident first
+        misclassified_images=evaluation.images[wrong].astype(np.uint8),
+        epoch=np.int32(evaluation.epoch),
+    )
+    os.replace(partial, predictions_path)
+    write_atomically(json_path, json.dumps(evaluation.summary(), indent=1) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """What ``write_evaluation`` stored, read back."""
+
+    label: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+    misclassified_index: np.ndarray
+    misclassified_images: np.ndarray
+    epoch: int
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.label, self.predicted)
+
+
+def read_predictions(path: str | os.PathLike) -> Predictions:
+    fields = [f.name for f in dataclasses.fields(Predictions)]
+    try:
+        with np.load(path) as stored:
+            missing = [f for f in fields if f not in stored]
+            if missing:
+                raise JaxMnistError(f"{path}: not a predictions file of jax-mnist evaluate (missing {missing})")
+            values = {f: stored[f] for f in fields}
+    except FileNotFoundError:
+        raise JaxMnistError(f"{path}: no such file (make it with: jax-mnist evaluate RUN_DIR)") from None
+    except (OSError, ValueError) as e:
+        raise JaxMnistError(f"{path}: not a readable .npz file ({e})") from None
+    values["epoch"] = int(values["epoch"])
+    return Predictions(**values)
+
+
+# --------------------------------------------------------------------------- images from files
+
+MNIST_SIZE = 28
+MNIST_BOX = 20  # MNIST digits were scaled to fit 20x20, then centred by mass in 28x28
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """An image file as an MNIST digit: uint8 (28, 28, 1), white ink on black; and what was done.
+
+    Any mode is converted to grayscale. A dark digit on a light background (the border is
+    brighter than mid-grey) is inverted. A 28x28 image is used as it is otherwise; any other
+    size is prepared as MNIST was: cropped to the ink, scaled to fit 20x20 (aspect kept) and
+    placed in 28x28 with its centre of mass at the centre.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), np.uint8)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file PIL can read") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read the image ({e})") from None
+    notes = []
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:
+        gray = 255 - gray
+        notes.append("inverted (dark digit on a light background)")
+    if gray.shape != (MNIST_SIZE, MNIST_SIZE):
+        notes.append(f"resized from {gray.shape[1]}x{gray.shape[0]} as MNIST was (ink fitted to 20x20, centred by mass)")
+        gray = _fit_like_mnist(gray)
+    return gray[:, :, None], notes
+
+
+def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    ink = np.argwhere(gray > 0.25 * max(1, int(gray.max())))
+    if len(ink) == 0:
+        return np.zeros((MNIST_SIZE, MNIST_SIZE), np.uint8)
+    (top, left), (bottom, right) = ink.min(0), ink.max(0) + 1
+    crop = gray[top:bottom, left:right]
+    scale = MNIST_BOX / max(crop.shape)
+    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    small = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS), np.float64)
+    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE))
+    mass = small.sum() or 1.0
+    rows, cols = np.indices(small.shape)
+    centre_row, centre_col = (rows * small).sum() / mass, (cols * small).sum() / mass
+    top = int(np.clip(round(MNIST_SIZE / 2 - centre_row), 0, MNIST_SIZE - height))
+    left = int(np.clip(round(MNIST_SIZE / 2 - centre_col), 0, MNIST_SIZE - width))
+    canvas[top : top + height, left : left + width] = small
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)

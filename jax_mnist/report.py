@@ -1,0 +1,376 @@
+"""The study's report, from its run directories alone: a Markdown table and three figures.
+
+``render_markdown`` gives the table (one row per recipe, as distributions over seeds), the walk
+of the original read against seed noise, and links to ``curves.png``, ``misclassified.png`` and
+``confusion.png``, which ``write_figures`` draws (deterministic bytes for given inputs).
+``paste_into`` puts the Markdown between two marker lines of a README.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jax_mnist.errors import JaxMnistError
+from jax_mnist.recipes import RECIPE_NAMES, get_recipe
+from jax_mnist.study import SeedRun, read_study, seconds_per_seed_epoch
+
+TARGET = 99.4  # % test accuracy, the original's goal
+LAST = 3  # ... held in each of the last LAST epochs
+
+# The original README's best test accuracy per run (shared/spec/s7_study.md, "Reported results").
+ORIGINAL_BEST_TEST = {
+    "model_1_setup": 99.11, "model_2_skeleton": 98.9, "model_3_lighter_model": 98.6, "model_4_batchnorm": 98.96,
+    "model_5_regularization": 98.92, "model_6_gap": 98.97, "model_7_max_capacity": 99.3,
+    "model_8_dropout_maxpool": 99.3, "final": 99.43,
+}  # fmt: skip
+# The original's walk, each step against the one before it; then this project's recipe.
+WALK = ("model_1_setup", "model_2_skeleton", "model_3_lighter_model", "model_4_batchnorm", "model_5_regularization",
+        "model_6_gap", "model_7_max_capacity", "model_8_dropout_maxpool", "final", "final_onecycle")  # fmt: skip
+FIGURES = ("curves.png", "misclassified.png", "confusion.png")
+# The run whose test-set errors are drawn, when none is named: the project's best recipe.
+DEFAULT_EVALUATED_RUN = "final_onecycle/seed-1"
+MARKERS = ("<!-- jax-mnist report: start -->", "<!-- jax-mnist report: end -->")
+
+
+class ReportError(JaxMnistError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    """One recipe over its seeds; figures only over the finished seeds."""
+
+    name: str
+    model: str
+    planned_epochs: int  # the registered recipe's epochs
+    runs: list[SeedRun]
+
+    @property
+    def finished(self) -> list[SeedRun]:
+        return [r for r in self.runs if r.finished]
+
+    @property
+    def last(self) -> list[float]:
+        return [r.test_accuracies[-1] for r in self.finished]
+
+    @property
+    def window_minima(self) -> list[float]:
+        return [min(r.test_accuracies[-LAST:]) for r in self.finished]
+
+    @property
+    def held(self) -> int:
+        return sum(m >= TARGET for m in self.window_minima)
+
+
+def collect(study: dict[str, list[SeedRun]]) -> list[RecipeResult]:
+    """A row for every registered recipe (missing ones with no runs), then any other recipe found."""
+    names = list(RECIPE_NAMES) + [n for n in study if n not in RECIPE_NAMES]
+    results = []
+    for name in names:
+        runs = study.get(name, [])
+        if name in RECIPE_NAMES:
+            recipe = get_recipe(name)
+            model, epochs = recipe.model, recipe.epochs
+        else:
+            model, epochs = runs[0].config["recipe"]["model"], runs[0].epochs
+        results.append(RecipeResult(name, model, epochs, runs))
+    return results
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    """1, 2, 3, 5 -> "1-3, 5"."""
+    parts, start = [], None
+    ordered = sorted(seeds)
+    for i, s in enumerate(ordered):
+        start = s if start is None else start
+        if i + 1 == len(ordered) or ordered[i + 1] != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _epochs_cell(result: RecipeResult) -> str:
+    ran = sorted({r.epochs for r in result.runs}) or [result.planned_epochs]
+    cells = [f"{e}" if e == result.planned_epochs else f"{e} (of {result.planned_epochs}, shortened)" for e in ran]
+    return ", ".join(cells)
+
+
+def _seeds_cell(result: RecipeResult) -> str:
+    done = [r.seed for r in result.finished]
+    unfinished = [r for r in result.runs if not r.finished]
+    cell = _seed_list(done) if done else "none finished"
+    if unfinished:
+        cell += f" (unfinished: {', '.join(f'{r.seed} at epoch {len(r.history)}' for r in unfinished)})"
+    return cell
+
+
+def _time_cell(result: RecipeResult) -> str:
+    times = seconds_per_seed_epoch(result.finished)
+    devices = sorted({str(r.config.get("device", {}).get("kind", "?")) for r in result.finished})
+    return f"{statistics.median(times):.0f} s, {'/'.join(devices)}"
+
+
+def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[str]]:
+    rows = []
+    for res in results:
+        summary = summaries[res.model]
+        original = ORIGINAL_BEST_TEST.get(res.name)
+        head = [f"`{res.name}`", f"`{res.model}`", f"{summary.total_params:,}", str(summary.receptive_field)]
+        original_cell = "—" if original is None else f"{original:.2f}"
+        if not res.runs:
+            rows.append(head + [str(res.planned_epochs), "not run"] + ["—"] * 6 + [original_cell])
+            continue
+        if not res.finished:
+            rows.append(head + [_epochs_cell(res), _seeds_cell(res)] + ["—"] * 6 + [original_cell])
+            continue
+        last, minima = res.last, res.window_minima
+        rows.append(head + [
+            _epochs_cell(res),
+            _seeds_cell(res),
+            f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+            f"{statistics.mean(max(r.test_accuracies) for r in res.finished):.2f}",
+            ", ".join(f"{m:.2f}" for m in minima),
+            f"{res.held}/{len(res.finished)}",
+            f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
+            _time_cell(res),
+            original_cell,
+        ])  # fmt: skip
+    return rows
+
+
+TABLE_HEADER = [
+    "recipe", "model", "params", "RF", "epochs", "seeds", "test % at the last epoch: mean ± std (min)",
+    "best test % (mean)", f"per seed: min test % over the last {LAST} epochs", f"seeds ≥ {TARGET} in each of the last {LAST}",
+    "train % at the last epoch (mean)", "seconds per epoch and seed (median), device", "original README: best test %",
+]  # fmt: skip
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def walk_rows(results: Sequence[RecipeResult]) -> list[list[str]]:
+    """Each step of the walk: change of the mean last-epoch test accuracy, against seed noise
+    (twice the standard error of the difference of two means)."""
+    by_name = {r.name: r for r in results}
+    rows = []
+    for before, after in zip(WALK, WALK[1:]):
+        a, b = by_name[before].last, by_name[after].last
+        step = f"`{before}` → `{after}`"
+        if not a or not b:
+            rows.append([step, "—", "—", "not run yet"])
+            continue
+        difference = statistics.mean(b) - statistics.mean(a)
+        if len(a) < 2 or len(b) < 2:
+            rows.append([step, f"{difference:+.2f}", "—", f"one seed on a side ({len(a)} vs {len(b)}): cannot tell"])
+            continue
+        error = math.sqrt(_std(a) ** 2 / len(a) + _std(b) ** 2 / len(b))
+        verdict = "within seed noise" if abs(difference) < 2 * error else ("better" if difference > 0 else "worse")
+        rows.append([step, f"{difference:+.2f}", f"{2 * error:.2f}", f"{verdict} ({len(a)} vs {len(b)} seeds)"])
+    return rows
+
+
+def render_markdown(study_dir: str | os.PathLike, figures_dir: str | os.PathLike, relative_to: str | os.PathLike,
+                    evaluated_run: str = DEFAULT_EVALUATED_RUN) -> str:  # fmt: skip
+    """The report as Markdown; figure links are relative to the directory ``relative_to``."""
+    from jax_mnist.summary import summarize
+
+    results = collect(read_study(study_dir))
+    summaries = {res.model: summarize(res.model) for res in results}
+    link = Path(os.path.relpath(Path(figures_dir), Path(relative_to))).as_posix()
+    evaluated = _evaluated(study_dir, evaluated_run)
+    lines = [
+        f"Made by `jax-mnist report {Path(study_dir).as_posix()}` from `config.json` and `metrics.jsonl` of each "
+        "run directory (nothing typed in). Test accuracy is over the 10,000 test images after each epoch; "
+        "figures are over the finished seeds only; the train accuracy is the running one of the last epoch "
+        "(dropout on), as the original logged it. A recipe with no finished seed shows no figures.",
+        "",
+        *_markdown_table(TABLE_HEADER, table_rows(results, summaries)),
+        "",
+        "Each step of the original's walk (then this project's recipe), read against seed noise: the change "
+        "of the mean last-epoch test accuracy, and twice the standard error of that difference.",
+        "",
+        *_markdown_table(["step", "change (points)", "2 × standard error", "reading"], walk_rows(results)),
+        "",
+        f"![test accuracy per epoch]({link}/curves.png)",
+        "",
+    ]
+    if evaluated is None:
+        lines.append(f"No evaluation of `{evaluated_run}` yet, so no `misclassified.png` and `confusion.png`: make "
+                     f"it with `jax-mnist evaluate {Path(study_dir).as_posix()}/{evaluated_run}`.")  # fmt: skip
+    else:
+        predictions, _ = evaluated
+        lines += [
+            f"The test images that `{evaluated_run}` gets wrong at epoch {predictions.epoch} "
+            f"({len(predictions.misclassified_index)} of {len(predictions.label):,}), most confident first, "
+            f"and its confusion matrix (`jax-mnist evaluate {Path(study_dir).as_posix()}/{evaluated_run}`):",
+            "",
+            f"![misclassified test images]({link}/misclassified.png)",
+            f"![confusion matrix]({link}/confusion.png)",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluated(study_dir, evaluated_run: str):
+    from jax_mnist.inference import evaluation_paths, read_predictions
+
+    _, path = evaluation_paths(Path(study_dir) / evaluated_run, "last")
+    return (read_predictions(path), path) if path.exists() else None
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: Path) -> None:
+    # No "Software" entry (matplotlib's version): the bytes depend on the inputs only.
+    partial = path.with_name(path.name + ".partial.png")
+    figure.savefig(partial, format="png", metadata={"Software": None})
+    os.replace(partial, path)
+
+
+def _per_epoch(runs: Sequence[SeedRun], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and a (seeds, epochs) array of ``key`` over the finished runs (of equal length)."""
+    length = min(len(r.history) for r in runs)
+    values = np.array([[row[key] for row in r.history[:length]] for r in runs])
+    return np.arange(1, length + 1), values
+
+
+def plt_colour(i: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab20b"](i % 20)
+
+
+def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
+    figure = _figure(13, 5.2)
+    test_axes, final_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    # One colour per recipe, the same in both panels (tab10 then tab20b beyond ten recipes).
+    colour_of = {r.name: f"C{i}" if i < 10 else plt_colour(i - 10) for i, r in enumerate(results)}
+    for res in (r for r in results if r.finished):
+        epochs, values = _per_epoch(res.finished, "test_accuracy")
+        colour = colour_of[res.name]
+        test_axes.plot(epochs, values.mean(0), color=colour, lw=1.6, label=f"{res.name} ({len(values)} seeds)")
+        test_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
+    test_axes.axhline(TARGET, color="black", ls="--", lw=1)
+    test_axes.set(title="Test accuracy per epoch: seed mean, band = min to max over seeds",
+                  xlabel="epoch", ylabel="test accuracy (%)", ylim=(97.5, 99.8))  # fmt: skip
+    test_axes.legend(fontsize=7, loc="lower right", ncol=2)
+    test_axes.grid(alpha=0.3)
+    for res in (r for r in results if r.name in ("final", "final_onecycle") and r.finished):
+        for key, style in (("train_accuracy", ":"), ("test_accuracy", "-")):
+            epochs, values = _per_epoch(res.finished, key)
+            label = f"{res.name} {key.split('_')[0]}"
+            colour = colour_of[res.name]
+            final_axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
+            final_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
+    final_axes.axhline(TARGET, color="black", ls="--", lw=1)
+    final_axes.set(title="Final recipes: train (running, dropout on; epoch 1 below the axis) vs test", xlabel="epoch",
+                   ylabel="accuracy (%)", ylim=(97.5, 99.8))  # fmt: skip
+    if final_axes.lines[1:]:
+        final_axes.legend(fontsize=8, loc="lower right")
+    final_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def draw_misclassified(predictions, title: str, path: Path, columns: int = 12, max_images: int = 96) -> None:
+    shown = min(len(predictions.misclassified_index), max_images)
+    rows = max(1, -(-shown // columns))
+    figure = _figure(columns * 1.0, rows * 1.15 + 0.5)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k >= shown:
+            continue
+        index = predictions.misclassified_index[k]
+        predicted = int(predictions.predicted[index])
+        ax.imshow(predictions.misclassified_images[k, :, :, 0], cmap="gray", vmin=0, vmax=255)
+        confidence = predictions.probabilities[index, predicted]
+        ax.set_title(f"{predictions.label[index]}→{predicted} {confidence:.2f}", fontsize=8)
+    if shown == 0:
+        axes[0, 0].text(0, 0.5, "no test image misclassified", fontsize=10)
+    figure.suptitle(title + " (true→predicted, probability of the prediction)", fontsize=10)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def draw_confusion(predictions, title: str, path: Path) -> None:
+    matrix = predictions.confusion
+    off_diagonal = np.where(np.eye(10, dtype=bool), 0, matrix)
+    figure = _figure(6.4, 5.6)
+    ax = figure.subplots()
+    image = ax.imshow(off_diagonal, cmap="Reds", vmin=0, vmax=max(1, int(off_diagonal.max())))
+    for true in range(10):
+        for predicted in range(10):
+            count = matrix[true, predicted]
+            if count:
+                diagonal = true == predicted
+                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=7,
+                        color="black" if diagonal or off_diagonal[true, predicted] < off_diagonal.max() / 2 else "white",
+                        weight="bold" if diagonal else "normal")  # fmt: skip
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
+    figure.colorbar(image, ax=ax, label="errors (off the diagonal)")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def write_figures(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  evaluated_run: str = DEFAULT_EVALUATED_RUN) -> list[Path]:  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(read_study(study_dir))
+    written = [out / "curves.png"]
+    draw_curves(results, written[0])
+    evaluated = _evaluated(study_dir, evaluated_run)
+    if evaluated is not None:
+        predictions, _ = evaluated
+        errors = len(predictions.misclassified_index)
+        draw_misclassified(predictions, f"{evaluated_run}, epoch {predictions.epoch}: {errors} errors",
+                           out / "misclassified.png")  # fmt: skip
+        draw_confusion(predictions, f"{evaluated_run}, epoch {predictions.epoch}", out / "confusion.png")
+        written += [out / "misclassified.png", out / "confusion.png"]
+    return written
+
+
+# --------------------------------------------------------------------------- README
+
+
+def paste_into(document: str, section: str, where: str = "README") -> str:
+    """``document`` with the text between the two ``MARKERS`` lines replaced by ``section``."""
+    start, end = MARKERS
+    if document.count(start) != 1 or document.count(end) != 1 or document.index(start) > document.index(end):
+        raise ReportError(f"{where}: expected one line {start!r} and, after it, one line {end!r}")
+    before, rest = document.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{section}{end}{after}"
+
+
+def pasted_section(document: str, where: str = "README") -> str:
+    """The text between the markers (what ``paste_into`` put there)."""
+    start, end = MARKERS
+    if document.count(start) != 1 or document.count(end) != 1:
+        raise ReportError(f"{where}: expected one line {start!r} and one line {end!r}")
+    return document.split(start, 1)[1].split(end, 1)[0].removeprefix("\n")

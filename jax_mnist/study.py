@@ -1,0 +1,233 @@
+"""The study: every recipe over seeds, in ``<study>/<recipe>/seed-<s>/`` (what ``train --seeds`` writes).
+
+``read_study`` reads what is on disk; ``plan`` says what is left (and ``estimate_seconds`` how long
+it may take, from the study's own timings); ``run_study`` trains what is left, recipe by recipe,
+each recipe's seeds in one program, resumable after any interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Callable, Sequence
+
+from jax_mnist.errors import JaxMnistError
+from jax_mnist.recipes import RECIPE_NAMES, Recipe, get_recipe, with_overrides
+from jax_mnist.rundir import read_json, read_metrics
+
+# The order a study runs in when none is given: the project's recipes first, then the walk from
+# the cheap end (the most expensive, model 1, last): what says most per CPU hour comes first.
+STUDY_ORDER = ("final", "final_onecycle", "model_8_dropout_maxpool", "model_7_max_capacity", "model_6_gap",
+               "model_5_regularization", "model_4_batchnorm", "model_3_lighter_model", "model_2_skeleton",
+               "model_1_setup")  # fmt: skip
+
+
+class StudyError(JaxMnistError, ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRun:
+    """One seed of one recipe as recorded on disk."""
+
+    recipe: str
+    seed: int
+    out: Path
+    config: dict
+    history: list[dict]
+
+    @property
+    def epochs(self) -> int:
+        """The epochs the run was configured for."""
+        return int(self.config["recipe"]["epochs"])
+
+    @property
+    def finished(self) -> bool:
+        return len(self.history) >= self.epochs
+
+    @property
+    def test_accuracies(self) -> list[float]:
+        return [row["test_accuracy"] for row in self.history]
+
+
+def _seed_of(directory: Path) -> int | None:
+    prefix, _, number = directory.name.partition("-")
+    return int(number) if prefix == "seed" and number.isdigit() else None
+
+
+def read_recipe_runs(recipe_dir: Path) -> list[SeedRun]:
+    """The seeds of one recipe directory that have a config, sorted by seed."""
+    runs = []
+    for directory in sorted(recipe_dir.iterdir()):
+        seed = _seed_of(directory)
+        if seed is None or not (directory / "config.json").exists():
+            continue
+        config = read_json(directory / "config.json")
+        try:
+            name, config_seed = config["recipe"]["name"], int(config["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise StudyError(f"{directory / 'config.json'}: not a jax-mnist run config") from None
+        if name != recipe_dir.name or config_seed != seed:
+            raise StudyError(f"{directory}: holds recipe {name!r} seed {config_seed}, but its place in the study "
+                             f"says recipe {recipe_dir.name!r} seed {seed}")  # fmt: skip
+        runs.append(SeedRun(name, seed, directory, config, read_metrics(directory / "metrics.jsonl")))
+    return sorted(runs, key=lambda r: r.seed)
+
+
+def read_study(study_dir: str | os.PathLike) -> dict[str, list[SeedRun]]:
+    """recipe name -> its recorded seeds; recipes in registry order, then any others by name."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise StudyError(f"{root}: no such study directory")
+    found = {d.name: read_recipe_runs(d) for d in root.iterdir() if d.is_dir()}
+    found = {name: runs for name, runs in found.items() if runs}
+    order = {name: i for i, name in enumerate(RECIPE_NAMES)}
+    return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
+    """Wall seconds of one seed's epoch, for every recorded epoch of ``runs``.
+
+    Seeds trained together in one program record the same ``epoch_seconds`` for an epoch (the
+    time of all of them): such a time is divided by the number of seeds that share it.
+    """
+    shared: dict[tuple[int, float], int] = {}
+    for run in runs:
+        for row in run.history:
+            key = (row["epoch"], row["epoch_seconds"])
+            shared[key] = shared.get(key, 0) + 1
+    return [row["epoch_seconds"] / shared[(row["epoch"], row["epoch_seconds"])] for run in runs for row in run.history]
+
+
+def _multiply_adds(recipe: Recipe) -> int:
+    from jax_mnist.summary import summarize
+
+    return summarize(recipe.model).multiply_adds
+
+
+def seed_epoch_seconds(recipe: Recipe, study: dict[str, list[SeedRun]]) -> tuple[float, str] | None:
+    """Median seconds of one seed-epoch of ``recipe`` and how it was found: measured in the study;
+    else that of a timed network of about the same multiply-adds; else read off a log-log line
+    through the timed networks' multiply-adds (when they span a factor 2 or more). None: no basis."""
+    runs = [r for r in study.get(recipe.name, []) if r.config["recipe"]["batch_size"] == recipe.batch_size]
+    times = seconds_per_seed_epoch(runs)
+    if times:
+        return statistics.median(times), "measured"
+    points: dict[int, list[float]] = {}
+    for name, other in study.items():
+        times = seconds_per_seed_epoch(other)
+        if times:
+            points.setdefault(_multiply_adds(Recipe(**other[0].config["recipe"])), []).append(statistics.median(times))
+    if not points:
+        return None
+    sizes = sorted(points)
+    logs = [math.log(x) for x in sizes]
+    ys = [math.log(statistics.median(points[x])) for x in sizes]
+    target = math.log(_multiply_adds(recipe))
+    nearest = min(range(len(sizes)), key=lambda i: abs(logs[i] - target))
+    if abs(logs[nearest] - target) < math.log(1.25):  # about the size of one timed: its time
+        return statistics.median(points[sizes[nearest]]), "from a network of about this size"
+    if logs[-1] - logs[0] < math.log(2):  # timed networks all of about one size: no line to draw
+        return None
+    slope = statistics.linear_regression(logs, ys).slope
+    intercept = statistics.mean(ys) - slope * statistics.mean(logs)
+    inside = logs[0] <= target <= logs[-1]
+    return math.exp(intercept + slope * target), f"{'inter' if inside else 'extra'}polated by multiply-adds"
+
+
+# --------------------------------------------------------------------------- plan and run
+
+
+@dataclasses.dataclass(frozen=True)
+class Todo:
+    """What is left of one recipe: its seeds and the epochs each still needs."""
+
+    recipe: Recipe
+    epochs_left: dict[int, int]  # seed -> epochs still to train
+
+    @property
+    def seed_epochs(self) -> int:
+        return sum(self.epochs_left.values())
+
+
+def study_recipe(name: str, max_epochs: int | None) -> Recipe:
+    recipe = get_recipe(name)
+    if max_epochs is not None and max_epochs < recipe.epochs:
+        recipe = with_overrides(recipe, {"epochs": max_epochs})
+    return recipe
+
+
+def plan(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int],
+         max_epochs: int | None = None) -> list[Todo]:  # fmt: skip
+    """What is not complete yet: for each recipe (in the order given), the seeds with epochs left."""
+    root = Path(study_dir)
+    todos = []
+    for name in recipes:
+        recipe = study_recipe(name, max_epochs)
+        recorded = {r.seed: r for r in read_recipe_runs(root / name)} if (root / name).is_dir() else {}
+        left = {s: recipe.epochs - len(recorded[s].history) if s in recorded else recipe.epochs for s in seeds}
+        left = {s: n for s, n in left.items() if n > 0}
+        if left:
+            todos.append(Todo(recipe, left))
+    return todos
+
+
+def estimate_seconds(todo: Todo, study: dict[str, list[SeedRun]]) -> tuple[float, str] | None:
+    found = seed_epoch_seconds(todo.recipe, study)
+    if found is None:
+        return None
+    seconds, how = found
+    return seconds * todo.seed_epochs, how
+
+
+def format_duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str:
+    """What is left, one line per recipe, with a time estimate from the study's own timings."""
+    if not todos:
+        return "nothing left: every recipe x seed asked for is complete"
+    lines, total, unknown = [], 0.0, False
+    for todo in todos:
+        seeds = ", ".join(f"{s} ({n} ep)" if n != todo.recipe.epochs else str(s) for s, n in todo.epochs_left.items())
+        estimate = estimate_seconds(todo, study)
+        if estimate is None:
+            unknown, when = True, "no estimate yet (no network of this size timed)"
+        else:
+            total += estimate[0]
+            when = f"~{format_duration(estimate[0])} ({estimate[1]})"
+        lines.append(f"  {todo.recipe.name:<24} seeds {seeds:<28} {when}")
+    head = f"left: {len(todos)} recipe(s), {sum(t.seed_epochs for t in todos)} seed-epochs"
+    head += f", about {format_duration(total)}" + (" plus what cannot be estimated yet" if unknown else "")
+    return "\n".join([head + " (from the timings recorded in the study):", *lines])
+
+
+def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int], data,
+              max_epochs: int | None = None, train_examples: int | None = None,
+              log: Callable[[str], None] = print) -> None:  # fmt: skip
+    """Train everything ``plan`` lists, recipe by recipe (its seeds together), resuming what was started."""
+    from jax_mnist.run import seed_dirs, train_seeds
+
+    root = Path(study_dir)
+    previous = None
+    while True:
+        todos = plan(root, recipes, seeds, max_epochs)
+        log(describe_plan(todos, read_study(root) if root.is_dir() else {}))
+        if not todos:
+            return
+        todo = todos[0]
+        if todo == previous:  # train_seeds returned without training: never loop on it
+            raise StudyError(f"{root / todo.recipe.name}: training made no progress ({todo.epochs_left})")
+        previous = todo
+        dirs = seed_dirs(root / todo.recipe.name, list(todo.epochs_left))
+        started = any(d.is_dir() and any(d.iterdir()) for d in dirs.values())
+        log(f"training {todo.recipe.name} seeds {', '.join(map(str, todo.epochs_left))} -> {root / todo.recipe.name}")
+        train_seeds(todo.recipe, data, dirs, resume=started, train_examples=train_examples, log=log)

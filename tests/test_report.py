@@ -1,0 +1,153 @@
+"""The study's report: table and figures from run directories alone, byte for byte; the README's
+Results section is that report."""
+
+import dataclasses
+import json
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_mnist import report
+from jax_mnist.cli import main
+from jax_mnist.inference import Evaluation, evaluation_paths, write_evaluation
+from jax_mnist.recipes import get_recipe
+from jax_mnist.study import read_study, seconds_per_seed_epoch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small study written by hand: (recipe, seed) -> test accuracy per epoch; the others not run.
+FAKE_TEST_ACCURACIES = {
+    ("final", 1): [98.5, 99.0, 99.41, 99.45, 99.40],
+    ("final", 2): [98.6, 99.1, 99.38, 99.42, 99.47],
+    ("final", 3): [98.4, 99.2, 99.44, 99.46, 99.43],
+    ("model_4_batchnorm", 1): [98.0, 98.7, 98.9, 99.0, 99.1],
+    ("model_4_batchnorm", 2): [98.1, 98.6, 99.0, 99.05, 99.0],
+    ("model_3_lighter_model", 1): [97.0, 98.0],  # unfinished: 2 of 5 epochs
+}
+EPOCHS = 5
+
+
+def write_fake_run(out: Path, recipe: str, seed: int, test_accuracies: list[float], seconds: float) -> None:
+    out.mkdir(parents=True)
+    config = {"recipe": dataclasses.asdict(dataclasses.replace(get_recipe(recipe), epochs=EPOCHS)), "seed": seed,
+              "train_examples": 60000, "device": {"platform": "cpu", "kind": "cpu", "count": 1}}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": e + 1, "lr": 0.1, "train_loss": 0.1, "train_accuracy": a + 0.2, "test_loss": 0.03,
+             "test_accuracy": a, "epoch_seconds": seconds} for e, a in enumerate(test_accuracies)]  # fmt: skip
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fake_evaluation(run_dir: Path) -> Evaluation:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 500)
+    logits = rng.normal(size=(500, 10)) + 2.5 * np.eye(10)[labels]  # some errors
+    log_probabilities = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    images = rng.integers(0, 256, (500, 28, 28, 1), dtype=np.uint8)
+    return Evaluation(str(run_dir), "last", EPOCHS, labels, log_probabilities.astype(np.float32), images)
+
+
+@pytest.fixture(scope="module")
+def fake_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    for (recipe, seed), accuracies in FAKE_TEST_ACCURACIES.items():
+        # final's three seeds ran together (one shared time per epoch); model 4's one after another.
+        seconds = {"final": 90.0, "model_4_batchnorm": 20.0 + 2 * seed}.get(recipe, 50.0)
+        write_fake_run(root / recipe / f"seed-{seed}", recipe, seed, accuracies, seconds)
+    evaluation = fake_evaluation(root / "final" / "seed-1")
+    write_evaluation(evaluation, *evaluation_paths(root / "final" / "seed-1", "last"))
+    return root
+
+
+def table_row(markdown: str, recipe: str) -> list[str]:
+    (line,) = [ln for ln in markdown.splitlines() if ln.startswith(f"| `{recipe}` | ")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_the_table_reads_the_runs_as_distributions(fake_study):
+    markdown = report.render_markdown(fake_study, fake_study, fake_study, "final/seed-1")
+    header = report.TABLE_HEADER
+    row = dict(zip(header, table_row(markdown, "final")))
+    last = [a[-1] for (r, _), a in FAKE_TEST_ACCURACIES.items() if r == "final"]
+    assert row["test % at the last epoch: mean ± std (min)"] == \
+        f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} ({min(last):.2f})"  # fmt: skip
+    assert row["per seed: min test % over the last 3 epochs"] == "99.40, 99.38, 99.43"
+    assert row["seeds ≥ 99.4 in each of the last 3"] == "2/3"
+    assert row["seeds"] == "1-3"
+    assert row["params"] == "7,914" and row["RF"] == "28"
+    assert row["epochs"] == f"{EPOCHS} (of 15, shortened)"
+    assert row["seconds per epoch and seed (median), device"] == "30 s, cpu"  # 90 s shared by 3 seeds
+    assert row["original README: best test %"] == "99.43"
+    model_4 = dict(zip(header, table_row(markdown, "model_4_batchnorm")))
+    assert model_4["seconds per epoch and seed (median), device"] == "23 s, cpu"  # seeds alone: 22 and 24 s
+    # Not finished or not run: no figures, never a number.
+    model_3 = dict(zip(header, table_row(markdown, "model_3_lighter_model")))
+    assert model_3["seeds"] == "none finished (unfinished: 1 at epoch 2)"
+    assert model_3["test % at the last epoch: mean ± std (min)"] == "—"
+    assert table_row(markdown, "model_1_setup")[5] == "not run"
+    walk = [ln for ln in markdown.splitlines() if ln.startswith("| `model_4_batchnorm` → `model_5")]
+    assert walk and "not run yet" in walk[0]
+    assert "![misclassified test images](./misclassified.png)" in markdown
+
+
+def test_seed_times_shared_by_seeds_trained_together(fake_study):
+    study = read_study(fake_study)
+    assert seconds_per_seed_epoch(study["final"]) == [30.0] * (3 * EPOCHS)
+    assert sorted(set(seconds_per_seed_epoch(study["model_4_batchnorm"]))) == [22.0, 24.0]
+
+
+def test_the_report_is_the_same_bytes_every_time(fake_study, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        assert main(["report", str(fake_study), "--out", str(tmp_path / name), "--run", "final/seed-1"]) == 0
+        outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())})
+    assert sorted(outputs[0]) == ["confusion.png", "curves.png", "misclassified.png", "report.md"]
+    assert outputs[0] == outputs[1]
+    assert all(data.startswith(b"\x89PNG") and len(data) > 10_000 for n, data in outputs[0].items() if n.endswith(".png"))
+    # A figure does depend on the runs: another result, other bytes.
+    write_fake_run(tmp_path / "other" / "final" / "seed-1", "final", 1, [98.0, 98.5, 99.0, 99.1, 99.2], 60.0)
+    report.write_figures(tmp_path / "other", tmp_path / "c")
+    assert (tmp_path / "c" / "curves.png").read_bytes() != outputs[0]["curves.png"]
+
+
+def test_readme_paste_and_check(fake_study, tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = report.MARKERS
+    readme.write_text(f"# Title\n\n## Results\n\n{start}\nold text\n{end}\n\nAfter.\n")
+    figures = tmp_path / "figures"
+    assert main(["report", str(fake_study), "--out", str(figures), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n## Results\n\n") and text.endswith(f"{end}\n\nAfter.\n")
+    assert "old text" not in text and "](figures/curves.png)" in text
+    assert main(["report", str(fake_study), "--out", str(figures), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("2/3", "3/3"))  # a number typed in by hand
+    assert main(["report", str(fake_study), "--out", str(figures), "--readme", str(readme), "--check"]) == 2
+    readme.write_text("no markers\n")
+    assert main(["report", str(fake_study), "--out", str(figures), "--readme", str(readme)]) == 2
+
+
+def test_a_misplaced_run_is_refused(fake_study, tmp_path, capsys):
+    write_fake_run(tmp_path / "final" / "seed-2", "final", 3, [99.0] * EPOCHS, 10.0)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds recipe 'final' seed 3, but its place in the study says recipe 'final' seed 2" in capsys.readouterr().err
+
+
+def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path):
+    """The committed study: README section and figures are what `jax-mnist report` makes of it now."""
+    study = REPO / "results" / "study"
+    readme = REPO / "README.md"
+    expected = report.render_markdown(study, study, REPO)
+    assert report.pasted_section(readme.read_text()) == expected, (
+        "README's Results section differs from the report: run jax-mnist report results/study --readme README.md")
+    written = report.write_figures(study, tmp_path)
+    for path in written:
+        committed = study / path.name
+        assert committed.exists(), f"{committed} is not committed"
+        assert committed.read_bytes() == path.read_bytes(), f"{committed} differs from what the report draws now"
+
+
+def test_linked_figures_exist():
+    links = re.findall(r"\]\(([^)]+\.png)\)", report.pasted_section((REPO / "README.md").read_text()))
+    assert links and all((REPO / link).exists() for link in links)
