@@ -141,6 +141,7 @@ def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path):
     expected = report.render_markdown(study, study, REPO)
     assert report.pasted_section(readme.read_text()) == expected, (
         "README's Results section differs from the report: run jax-mnist report results/study --readme README.md")
+    assert (study / "report.md").read_text() == report.render_markdown(study, study, study)
     written = report.write_figures(study, tmp_path)
     for path in written:
         committed = study / path.name
