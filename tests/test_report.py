@@ -134,11 +134,11 @@ def test_a_misplaced_run_is_refused(fake_study, tmp_path, capsys):
     assert "holds recipe 'final' seed 3, but its place in the study says recipe 'final' seed 2" in capsys.readouterr().err
 
 
-def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path):
+def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path, monkeypatch):
     """The committed study: README section and figures are what `jax-mnist report` makes of it now."""
-    study = REPO / "results" / "study"
-    readme = REPO / "README.md"
-    expected = report.render_markdown(study, study, REPO)
+    monkeypatch.chdir(REPO)  # as `jax-mnist report results/study` is run: from the repository
+    study, readme = Path("results/study"), Path("README.md")
+    expected = report.render_markdown(study, study, ".")
     assert report.pasted_section(readme.read_text()) == expected, (
         "README's Results section differs from the report: run jax-mnist report results/study --readme README.md")
     assert (study / "report.md").read_text() == report.render_markdown(study, study, study)
