@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from jax_mnist.errors import ConfigError
-from jax_mnist.zoo import MODEL_NAMES
+from jax_mnist.zoo import MODEL_NAMES, ORIGINAL_MODEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ def _problem(recipe: "Recipe") -> str | None:
     return None
 
 
-_ORIGINAL_LR = {name: 0.01 for name in MODEL_NAMES} | {"model_8_dropout_maxpool": 0.1}
+_ORIGINAL_LR = {name: 0.01 for name in ORIGINAL_MODEL_NAMES} | {"model_8_dropout_maxpool": 0.1}
 
-RECIPES: dict[str, Recipe] = {name: Recipe(name=name, model=name, lr=_ORIGINAL_LR[name]) for name in MODEL_NAMES}
+RECIPES: dict[str, Recipe] = {name: Recipe(name=name, model=name, lr=_ORIGINAL_LR[name]) for name in ORIGINAL_MODEL_NAMES}
 RECIPES["final"] = Recipe(
     name="final",
     model="model_8_dropout_maxpool",
@@ -154,6 +154,9 @@ RECIPES["final_onecycle"] = dataclasses.replace(
     final_div_factor=100.0,
     cycle_momentum=True,
 )
+# This project's own nets (docs/accuracy.md): final_onecycle's schedule and rotation to start from.
+RECIPES["ours_8k"] = dataclasses.replace(RECIPES["final_onecycle"], name="ours_8k", model="ours_8k")
+RECIPES["ours_5k"] = dataclasses.replace(RECIPES["final_onecycle"], name="ours_5k", model="ours_5k")
 RECIPE_NAMES = tuple(RECIPES)
 
 

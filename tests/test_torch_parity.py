@@ -5,7 +5,8 @@ import pytest
 
 import torch  # a test dependency (the `test` extra); parity is a core test, never skipped
 
-from jax_mnist.models import MODEL_NAMES, get_model, load_torch_state_dict  # noqa: E402
+from jax_mnist.models import get_model, load_torch_state_dict  # noqa: E402
+from jax_mnist.zoo import ORIGINAL_MODEL_NAMES  # noqa: E402
 from jax_mnist.reference.torch_models import randomize, torch_model  # noqa: E402
 
 TOL = 1e-5
@@ -22,7 +23,7 @@ def _torch_logp(model, batch_nhwc, train):
 
 
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ORIGINAL_MODEL_NAMES)
 def test_parity_with_pytorch(name, conv_impl, test_batch):
     torch.manual_seed(0)
     reference = randomize(torch_model(name), seed=1)
