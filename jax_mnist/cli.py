@@ -182,8 +182,10 @@ def cmd_study(args) -> None:
     try:
         run_study(args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples)
     except KeyboardInterrupt:
-        again = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"study --out {args.out}"
-        raise Interrupted(f"interrupted; every finished epoch is checkpointed: continue with jax-mnist {again}") from None
+        again = f"jax-mnist study --out {args.out} --seeds {args.seeds}"
+        again += f" --recipes {' '.join(args.recipes)}" if args.recipes else ""
+        again += f" --max-epochs {args.max_epochs}" if args.max_epochs else ""
+        raise Interrupted(f"interrupted; every finished epoch is checkpointed: continue with {again}") from None
 
 
 def cmd_report(args) -> None:
@@ -363,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Markdown table and figures of a study, from its run directories")
     p.add_argument("study", help="study directory, e.g. results/study")
     p.add_argument("--out", help="where report.md and the PNGs go (default: the study directory)")
-    p.add_argument("--run", default="final_onecycle/seed-1", metavar="RECIPE/seed-S",
-                   help="the run whose test errors are drawn (its jax-mnist evaluate output; default final_onecycle/seed-1)")
+    from jax_mnist.report import DEFAULT_EVALUATED_RUN
+
+    p.add_argument("--run", default=DEFAULT_EVALUATED_RUN, metavar="RECIPE/seed-S",
+                   help=f"the run whose test errors are drawn (its jax-mnist evaluate output; default {DEFAULT_EVALUATED_RUN})")
     p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
     p.add_argument("--check", action="store_true", help="write nothing; fail if --readme's section differs from the report")
     p.set_defaults(func=cmd_report)

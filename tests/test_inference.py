@@ -15,8 +15,14 @@ from tests.helpers import SMALL
 
 
 @pytest.fixture(scope="module")
-def run_dir(straight_run):
-    return straight_run[0]
+def run_dir(straight_run, tmp_path_factory):
+    """A copy of the session's trained run: evaluate writes into a run directory, which other
+    tests compare file by file."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("inference") / "run"
+    shutil.copytree(straight_run[0], copy)
+    return copy
 
 
 def test_evaluate_matches_the_runs_own_test_figures(run_dir, mnist_data_dir, capsys):
