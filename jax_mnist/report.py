@@ -141,7 +141,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
         rows.append(head + [
             _epochs_cell(res),
             _seeds_cell(res),
-            f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+            f"{last[0]:.2f} (one seed)" if len(last) == 1 else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
             f"{statistics.mean(max(r.test_accuracies) for r in res.finished):.2f}",
             ", ".join(f"{m:.2f}" for m in minima),
             f"{res.held}/{len(res.finished)}",

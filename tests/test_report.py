@@ -66,7 +66,7 @@ def table_row(markdown: str, recipe: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def test_the_table_reads_the_runs_as_distributions(fake_study):
+def test_the_table_reads_the_runs_as_distributions(fake_study, tmp_path):
     markdown = report.render_markdown(fake_study, fake_study, fake_study, "final/seed-1")
     header = report.TABLE_HEADER
     row = dict(zip(header, table_row(markdown, "final")))
@@ -83,6 +83,9 @@ def test_the_table_reads_the_runs_as_distributions(fake_study):
     model_4 = dict(zip(header, table_row(markdown, "model_4_batchnorm")))
     assert model_4["seconds per epoch and seed (median), device"] == "23 s, cpu"  # seeds alone: 22 and 24 s
     # Not finished or not run: no figures, never a number.
+    write_fake_run(tmp_path / "final" / "seed-4", "final", 4, [99.0, 99.1, 99.2, 99.3, 99.35], 10.0)
+    alone = dict(zip(header, table_row(report.render_markdown(tmp_path, tmp_path, tmp_path), "final")))
+    assert alone["test % at the last epoch: mean ± std (min)"] == "99.35 (one seed)"  # no spread from one sample
     model_3 = dict(zip(header, table_row(markdown, "model_3_lighter_model")))
     assert model_3["seeds"] == "none finished (unfinished: 1 at epoch 2)"
     assert model_3["test % at the last epoch: mean ± std (min)"] == "—"
