@@ -103,6 +103,12 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _mean_and_range(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def _epochs_cell(result: RecipeResult) -> str:
     ran = sorted({r.epochs for r in result.runs}) or [result.planned_epochs]
     cells = [f"{e}" if e == result.planned_epochs else f"{e} (of {result.planned_epochs}, shortened)" for e in ran]
@@ -142,7 +148,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
             _epochs_cell(res),
             _seeds_cell(res),
             f"{last[0]:.2f} (one seed)" if len(last) == 1 else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
-            f"{statistics.mean(max(r.test_accuracies) for r in res.finished):.2f}",
+            _mean_and_range([max(r.test_accuracies) for r in res.finished]),
             ", ".join(f"{m:.2f}" for m in minima),
             f"{res.held}/{len(res.finished)}",
             f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
@@ -154,7 +160,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
 
 TABLE_HEADER = [
     "recipe", "model", "params", "RF", "epochs", "seeds", "test % at the last epoch: mean ± std (min)",
-    "best test % (mean)", f"per seed: min test % over the last {LAST} epochs", f"seeds ≥ {TARGET} in each of the last {LAST}",
+    "best test %: mean (min-max)", f"per seed: min test % over the last {LAST} epochs", f"seeds ≥ {TARGET} in each of the last {LAST}",
     "train % at the last epoch (mean)", "seconds per epoch and seed (median), device", "original README: best test %",
 ]  # fmt: skip
 

@@ -74,6 +74,7 @@ def test_the_table_reads_the_runs_as_distributions(fake_study, tmp_path):
     assert row["test % at the last epoch: mean ± std (min)"] == \
         f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} ({min(last):.2f})"  # fmt: skip
     assert row["per seed: min test % over the last 3 epochs"] == "99.40, 99.38, 99.43"
+    assert row["best test %: mean (min-max)"] == "99.46 (99.45-99.47)"
     assert row["seeds ≥ 99.4 in each of the last 3"] == "2/3"
     assert row["seeds"] == "1-3"
     assert row["params"] == "7,914" and row["RF"] == "28"
