@@ -264,7 +264,7 @@ def _per_epoch(runs: Sequence[SeedRun], key: str) -> tuple[np.ndarray, np.ndarra
     return np.arange(1, length + 1), values
 
 
-def plt_colour(i: int):
+def _extra_colour(i: int):
     from matplotlib import colormaps
 
     return colormaps["tab20b"](i % 20)
@@ -274,7 +274,7 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     figure = _figure(13, 5.2)
     test_axes, final_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     # One colour per recipe, the same in both panels (tab10 then tab20b beyond ten recipes).
-    colour_of = {r.name: f"C{i}" if i < 10 else plt_colour(i - 10) for i, r in enumerate(results)}
+    colour_of = {r.name: f"C{i}" if i < 10 else _extra_colour(i - 10) for i, r in enumerate(results)}
     for res in (r for r in results if r.finished):
         epochs, values = _per_epoch(res.finished, "test_accuracy")
         colour = colour_of[res.name]
