@@ -8,6 +8,7 @@ each recipe's seeds in one program, resumable after any interruption.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -106,9 +107,15 @@ def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
 
 
 def _multiply_adds(recipe: Recipe) -> int:
+    return _model_multiply_adds(recipe.model)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_multiply_adds(model: str) -> int:
+    """Once per model: every estimate of a plan asks it of every timed recipe."""
     from jax_mnist.summary import summarize
 
-    return summarize(recipe.model).multiply_adds
+    return summarize(model).multiply_adds
 
 
 def seed_epoch_seconds(recipe: Recipe, study: dict[str, list[SeedRun]]) -> tuple[float, str] | None:
