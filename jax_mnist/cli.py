@@ -93,6 +93,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def add_process_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (hosts), on jax.distributed; default: $JAX_COORDINATOR_ADDRESS, "
+                             "$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, else one process")  # fmt: skip
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=whole_number(1), metavar="N", help="how many processes the run has")
+    g.add_argument("--process-id", type=whole_number(0), metavar="I", help="this process's index, 0 .. N-1")
+
+
+def join_processes(args) -> None:
+    """Join a multi-process run if one is asked for (before anything touches a JAX device)."""
+    from jax_mnist import hosts
+
+    hosts.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def is_main_process() -> bool:
+    from jax_mnist import hosts
+
+    return not hosts.joined() or hosts.is_main()
+
+
 def load_data(args):
     from jax_mnist.data import load_mnist
 
@@ -143,8 +164,10 @@ def cmd_train(args) -> None:
         seed = 1 if args.seed is None else args.seed
         out = args.out or f"runs/{recipe.name}-seed{seed}"
         run_dirs, again, what = {seed: out}, f"--seed {seed} --resume --out {out}", f"seed {seed} -> {out}"
+    join_processes(args)
     data = load_data(args)
-    print(f"training {recipe.name} ({recipe.model}) {what}", flush=True)
+    if is_main_process():
+        print(f"training {recipe.name} ({recipe.model}) {what}", flush=True)
     try:
         train_seeds(recipe, data, run_dirs, resume=args.resume, train_examples=args.train_examples)
     except KeyboardInterrupt:
@@ -178,6 +201,7 @@ def cmd_study(args) -> None:
         study = read_study(args.out) if Path(args.out).is_dir() else {}
         print(describe_plan(plan(args.out, recipes, seeds, args.max_epochs), study))
         return
+    join_processes(args)
     data = load_data(args)
     try:
         run_study(args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples)
@@ -331,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only")
     add_data_options(p)
+    add_process_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="compile and step times of a recipe's training step (optionally vs PyTorch)")
@@ -360,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what is left and the time estimate, train nothing")
     p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only (smoke tests)")
     add_data_options(p)
+    add_process_options(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="Markdown table and figures of a study, from its run directories")
@@ -404,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     host_memory.apply_from_env()
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = _run(args)
+    if code:
+        _leave_processes(code)
+    return code
+
+
+def _run(args) -> int:
     try:
         args.func(args)
     except Interrupted as e:
@@ -416,6 +449,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jax-mnist {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _leave_processes(code: int) -> None:
+    """A process of a multi-process run that stops on an error exits now: at a normal exit JAX
+    would wait at its shutdown barrier for the other processes, then abort with a stack trace."""
+    import os
+
+    from jax_mnist import hosts
+
+    if hosts.joined():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_mnist import augment as augment_lib
-from jax_mnist import schedules
+from jax_mnist import hosts, schedules
 from jax_mnist.data import MEAN, STD
 from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
@@ -230,8 +230,9 @@ class Engine:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> "Engine":
-        """``devices``: the devices to run on (default: all local devices)."""
-        devices = tuple(jax.local_devices() if devices is None else devices)
+        """``devices``: the devices to run on (default: all devices, of every process of a
+        multi-process run: see ``jax_mnist.hosts``)."""
+        devices = tuple(jax.devices() if devices is None else devices)
         return _engine_for(recipe, num_train_examples, devices)
 
     @classmethod
@@ -247,7 +248,7 @@ class Engine:
             batch_size=recipe.batch_size,
             eval_batch_size=recipe.eval_batch_size,
             mesh=Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None,
-            xla_options=compiler_options(devices[0]),
+            xla_options=compiler_options(_local(devices)),
             seed_axis=resolve_seed_axis(recipe.seed_axis, devices[0].platform),
             lr_schedule=make_schedules(recipe, per_epoch)[0],
         )
@@ -286,7 +287,7 @@ class Engine:
         """Arrays every seed reads (the data sets): on the device, or on every device of the mesh."""
         if self.mesh is None:
             return jax.device_put(tree)
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+        return hosts.put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def put_seeds(self, tree):
         """Arrays stacked on a leading seed axis: split over the devices when they split seeds."""
@@ -294,7 +295,7 @@ class Engine:
             return jax.device_put(tree)
         seeds = jax.tree_util.tree_leaves(tree)[0].shape[0]
         spec = PartitionSpec("devices") if self.splits_seeds(seeds) else PartitionSpec()
-        return jax.device_put(tree, NamedSharding(self.mesh, spec))
+        return hosts.put(tree, NamedSharding(self.mesh, spec))
 
     # ------------------------------------------------------------------ state
 
@@ -459,7 +460,7 @@ class Engine:
 
     def evaluate_seeds(self, states: TrainState, images_uint8, labels) -> list[dict[str, float]]:
         """``evaluate`` of each seed of stacked ``states``; images and labels shared."""
-        sums = jax.device_get(self._programs["evaluate"](states.params, states.batch_stats, images_uint8, labels))
+        sums = hosts.to_host(self._programs["evaluate"](states.params, states.batch_stats, images_uint8, labels))
         return [_means(seed_slice(sums, k)) for k in range(len(sums["count"]))]
 
 
@@ -470,11 +471,16 @@ def _means(sums: dict) -> dict[str, float]:
 
 def _add_host(totals, sums, steps_done: int, progress):
     """Running per-seed totals on the host (this waits for ``sums``); reports progress."""
-    sums = jax.device_get(sums)
+    sums = hosts.to_host(sums)
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     if progress is not None:
         progress(steps_done, totals)
     return totals
+
+
+def _local(devices: Sequence):
+    """A device of this process among ``devices`` (what this process can compile a probe for)."""
+    return next((d for d in devices if d.process_index == jax.process_index()), devices[0])
 
 
 @functools.lru_cache(maxsize=16)

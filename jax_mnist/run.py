@@ -27,8 +27,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jax_mnist import hosts
 from jax_mnist.data import Mnist
-from jax_mnist.engine import Engine, seed_slice, stack_seeds, steps_per_epoch
+from jax_mnist.engine import Engine, seed_slice, steps_per_epoch
 from jax_mnist.recipes import Recipe
 from jax_mnist.rundir import (  # noqa: F401  (RunError, run_identity, load_run: public here too)
     Checkpoints,
@@ -171,19 +172,11 @@ def train_seeds(
         raise RunError(f"--train-examples must be between 1 and {num_train}, found {train_examples}")
     if recipe.batch_size > train_examples:
         raise RunError(f"batch size {recipe.batch_size} is larger than the {train_examples} training examples")
-    plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
-    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(out.iterdir())}
-    if resume and len(plans) > 1 and not started:
-        raise RunError(f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
-                       "nothing to resume (drop --resume to start the runs)")  # fmt: skip
-    # With --resume, seeds of a multi-seed run that have not started yet start now.
-    previous = {seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
-                for seed, (out, identity) in plans.items()}  # fmt: skip
-
+    if not hosts.is_main():  # process 0 of a multi-process run prints, and alone reads and writes the runs
+        log, progress = (lambda message: None), False
     engine = Engine.from_recipe(recipe, train_examples)
     with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(_opened(engine, recipe, seed, out, identity, previous[seed], log))
-                for seed, (out, identity) in plans.items()]  # fmt: skip
+        runs = _shared_runs(lambda: _open_runs(stack, engine, recipe, run_dirs, resume, train_examples, log), run_dirs)
         train_set = engine.put_shared((data.train_images[:train_examples], data.train_labels[:train_examples]))
         test_set = engine.put_shared((data.test_images, data.test_labels))
         groups: dict[int, list[_SeedRun]] = {}
@@ -192,10 +185,45 @@ def train_seeds(
                 log(f"seed {run.seed}: all {recipe.epochs} epochs are done in {run.out}")
             else:
                 groups.setdefault(run.start_epoch, []).append(run)
-        for start_epoch, group in sorted(groups.items()):
-            _train_group(engine, recipe, group, start_epoch, train_set, test_set, log, on_epoch_end, progress,
-                         name_seeds=len(runs) > 1)  # fmt: skip
+        try:
+            for start_epoch, group in sorted(groups.items()):
+                _train_group(engine, recipe, group, start_epoch, train_set, test_set, log, on_epoch_end, progress,
+                             name_seeds=len(runs) > 1)  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (the runtime raises its own types when a peer is gone)
+            if not hosts.peer_lost(e):
+                raise
+            raise PeerLost(f"{hosts.describe()}: another process of this run stopped ({str(e).splitlines()[0][:200]}). "
+                           f"Every finished epoch is checkpointed: start all {hosts.count()} processes again "
+                           "with --resume") from None  # fmt: skip
     return {run.seed: run.history for run in runs}
+
+
+class PeerLost(RunError):
+    """Another process of a multi-process run stopped (killed, crashed, or its host went away)."""
+
+
+def _open_runs(stack: contextlib.ExitStack, engine: Engine, recipe: Recipe, run_dirs: Mapping[int, str | os.PathLike],
+               resume: bool, train_examples: int, log) -> list[_SeedRun]:  # fmt: skip
+    """Every run directory checked, then each opened (locked, restored) for the life of ``stack``."""
+    plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
+    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(out.iterdir())}
+    if resume and len(plans) > 1 and not started:
+        raise RunError(f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
+                       "nothing to resume (drop --resume to start the runs)")  # fmt: skip
+    # With --resume, seeds of a multi-seed run that have not started yet start now.
+    previous = {seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
+                for seed, (out, identity) in plans.items()}  # fmt: skip
+    return [stack.enter_context(_opened(engine, recipe, seed, out, identity, previous[seed], log))
+            for seed, (out, identity) in plans.items()]  # fmt: skip
+
+
+def _shared_runs(open_runs: Callable[[], list[_SeedRun]], run_dirs: Mapping[int, str | os.PathLike]) -> list[_SeedRun]:
+    """``open_runs()`` on the main process; every other process of a multi-process run learns where
+    each seed starts (or the main process's error) and holds the runs without their files."""
+    shared = hosts.from_main(open_runs, lambda runs: {str(run.seed): run.start_epoch for run in runs})
+    if hosts.is_main():
+        return shared
+    return [_SeedRun(seed, Path(out), None, [], shared[str(seed)]) for seed, out in run_dirs.items()]
 
 
 @contextlib.contextmanager
@@ -240,13 +268,22 @@ def _restore(engine: Engine, run: _SeedRun, previous: dict, identity: dict) -> N
         write_atomically(run.out / "config.json", json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n")
 
 
+def _restored_states(engine: Engine, group: list[_SeedRun]):
+    """The restored states of ``group``'s seeds, stacked as numpy arrays (from the main process,
+    which alone read them, on every process)."""
+    like = jax.eval_shape(engine.init, jax.random.key(0))
+    empty = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like)
+    per_seed = [empty if run.state is None else run.state for run in group]
+    return hosts.broadcast(jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_seed))
+
+
 def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_epoch: int, train_set, test_set,
                  log, on_epoch_end, progress_enabled, name_seeds: bool) -> None:  # fmt: skip
     """Epochs ``start_epoch`` .. of the seeds in ``group``, stacked on one seed axis."""
     seeds = [run.seed for run in group]
     states, keys = engine.init_seeds(seeds)
     if start_epoch:
-        states = engine.put_seeds(stack_seeds([run.state for run in group]))
+        states = engine.put_seeds(_restored_states(engine, group))
         for run in group:
             log(f"seed {run.seed}: resumed from the checkpoint of epoch {start_epoch} in {run.out / 'checkpoints'}")
     train_examples = train_set[1].shape[0]
@@ -270,6 +307,7 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
         tests = engine.evaluate_seeds(states, *test_set)
         epoch_seconds = round(time.perf_counter() - started, 3)
         bar.status("saving checkpoints")
+        saved = states if hosts.count() == 1 else hosts.to_host(states)  # states split over processes: gathered
         for k, run in enumerate(group):
             row = {
                 "epoch": epoch + 1,
@@ -282,8 +320,9 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
             }
             best = row["test_accuracy"] > run.best_accuracy
             run.history.append(row)
-            write_metrics(run.out / "metrics.jsonl", run.history)
-            run.checkpoints.save(epoch + 1, seed_slice(states, k), best=best)
+            if run.checkpoints is not None:  # None: a process other than the main one
+                write_metrics(run.out / "metrics.jsonl", run.history)
+                run.checkpoints.save(epoch + 1, seed_slice(saved, k), best=best)
             bar.close()
             log(f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr {lr:.5f}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "

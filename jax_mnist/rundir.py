@@ -237,11 +237,20 @@ class Checkpoints:
 
         self.out = Path(out)
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        best = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        common: dict[str, Any] = {"enable_async_checkpointing": False}
+        if jax.process_count() > 1:
+            # A multi-process run: only the process that holds the run directory (the main one,
+            # jax_mnist.hosts) writes it, so orbax must not wait for the others at its barriers.
+            me = jax.process_index()
+            common["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+            common["create"] = False  # orbax cannot create the directories with active_processes set
+            for kind in ("checkpoints", "best"):
+                (self.out / kind).mkdir(parents=True, exist_ok=True)
         with _quiet_orbax():
-            self.last = ocp.CheckpointManager((self.out / "checkpoints").absolute(), options=options)
-            self.best = ocp.CheckpointManager((self.out / "best").absolute(), options=best)
+            self.last = ocp.CheckpointManager((self.out / "checkpoints").absolute(),
+                                              options=ocp.CheckpointManagerOptions(max_to_keep=2, **common))
+            self.best = ocp.CheckpointManager((self.out / "best").absolute(),
+                                              options=ocp.CheckpointManagerOptions(max_to_keep=1, **common))
 
     @property
     def digests_path(self) -> Path:
@@ -298,7 +307,10 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         manager = self.last if kind == "checkpoints" else self.best
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        # A multi-process run restores host arrays (a process-local jax.Array is not a valid
+        # target there); the main process then broadcasts them (jax_mnist.run).
+        target = jax.ShapeDtypeStruct if jax.process_count() == 1 else np.zeros
+        abstract = jax.tree_util.tree_map(lambda x: target(x.shape, x.dtype), like)
         where = self.out / kind / str(epoch)
         try:
             with _quiet_orbax():

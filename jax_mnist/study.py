@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Sequence
 
+from jax_mnist import hosts
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.recipes import RECIPE_NAMES, Recipe, get_recipe, with_overrides
 from jax_mnist.rundir import read_json, read_metrics
@@ -224,10 +225,11 @@ def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Seque
     from jax_mnist.run import seed_dirs, train_seeds
 
     root = Path(study_dir)
+    if not hosts.is_main():  # a multi-process study: process 0 reads the study, prints and writes
+        log = lambda message: None  # noqa: E731
     previous = None
     while True:
-        todos = plan(root, recipes, seeds, max_epochs)
-        log(describe_plan(todos, read_study(root) if root.is_dir() else {}))
+        todos, started = _next_round(root, recipes, seeds, max_epochs, log)
         if not todos:
             return
         todo = todos[0]
@@ -235,6 +237,27 @@ def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Seque
             raise StudyError(f"{root / todo.recipe.name}: training made no progress ({todo.epochs_left})")
         previous = todo
         dirs = seed_dirs(root / todo.recipe.name, list(todo.epochs_left))
-        started = any(d.is_dir() and any(d.iterdir()) for d in dirs.values())
         log(f"training {todo.recipe.name} seeds {', '.join(map(str, todo.epochs_left))} -> {root / todo.recipe.name}")
         train_seeds(todo.recipe, data, dirs, resume=started, train_examples=train_examples, log=log)
+
+
+def _next_round(root: Path, recipes: Sequence[str], seeds: Sequence[int], max_epochs: int | None,
+                log: Callable[[str], None]) -> tuple[list[Todo], bool]:  # fmt: skip
+    """What is left (printed), and whether the first recipe's runs were started: read from the
+    study by the main process, the same on every process of a multi-process study."""
+
+    from jax_mnist.run import seed_dirs
+
+    def read() -> tuple[list[Todo], bool]:
+        todos = plan(root, recipes, seeds, max_epochs)
+        log(describe_plan(todos, read_study(root) if root.is_dir() else {}))
+        dirs = seed_dirs(root / todos[0].recipe.name, list(todos[0].epochs_left)).values() if todos else ()
+        return todos, any(d.is_dir() and any(d.iterdir()) for d in dirs)
+
+    shared = hosts.from_main(read, lambda found: {"todos": [[t.recipe.name, list(t.epochs_left.items())] for t in found[0]],
+                                                  "started": found[1]})  # fmt: skip
+    if hosts.is_main():
+        return shared
+    todos = [Todo(study_recipe(name, max_epochs), {seed: left for seed, left in epochs_left})
+             for name, epochs_left in shared["todos"]]  # fmt: skip
+    return todos, shared["started"]
