@@ -117,6 +117,14 @@ def nll(logp: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
+def training_loss(logp: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean cross-entropy against (1 - e) * one-hot + e / classes (PyTorch's ``label_smoothing``)."""
+    loss = nll(logp, labels)
+    if label_smoothing:  # a Python float: no smoothing compiles the plain NLL, as before
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * logp.mean(axis=-1)
+    return loss.mean()
+
+
 def batch_metrics(logp: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Summed loss, correct count and example count of one batch (``mask`` leaves padding out).
 
@@ -227,6 +235,7 @@ class Engine:
     seed_axis: str = "vmap"
     # The learning rate per optimizer step (for the metrics; the optimizer holds its own copy).
     lr_schedule: Callable | None = field(default=None, compare=False, hash=False)
+    label_smoothing: float = 0.0  # of the training loss (Recipe.label_smoothing)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> "Engine":
@@ -251,6 +260,7 @@ class Engine:
             xla_options=compiler_options(_local(devices)),
             seed_axis=resolve_seed_axis(recipe.seed_axis, devices[0].platform),
             lr_schedule=make_schedules(recipe, per_epoch)[0],
+            label_smoothing=recipe.label_smoothing,
         )
 
     @functools.cached_property
@@ -327,7 +337,7 @@ class Engine:
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return nll(logp, labels).mean(), (logp, updates.get("batch_stats", batch_stats))
+        return training_loss(logp, labels, self.label_smoothing), (logp, updates.get("batch_stats", batch_stats))
 
     def _train_step(self, state: TrainState, images_uint8, labels, step_stream, split_batch: bool = True):
         if split_batch:

@@ -46,6 +46,9 @@ class Recipe:
     scale_min: float = 1.0  # affine
     scale_max: float = 1.0
     dropout_rate: float | None = None  # None: the model's own rates
+    # Training loss against (1 - e) * one-hot + e / 10, as PyTorch's CrossEntropyLoss(label_smoothing=e);
+    # the reported losses stay the plain NLL.
+    label_smoothing: float = 0.0
     # How the network is computed (same function, different rounding, so part of a run's identity):
     # conv_impl "auto" = im2col on CPU, XLA's convolution on GPU/TPU; dropout_impl "fused" or "flax".
     conv_impl: str = "auto"
@@ -90,6 +93,7 @@ _RANGES = {
     "scale_min": (0, _INF, False, False),
     "scale_max": (0, _INF, False, False),
     "dropout_rate": (0, 1, True, False),  # or None: the model's own rates
+    "label_smoothing": (0, 1, True, False),
 }
 
 

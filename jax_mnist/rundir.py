@@ -49,6 +49,9 @@ def run_identity(recipe: Recipe, seed: int, train_examples: int) -> dict:
     return {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
 
 
+_RECIPE_DEFAULTS = {f"recipe.{f.name}": f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+
+
 def _flat(identity: dict) -> dict[str, Any]:
     flat = {f"recipe.{k}": v for k, v in identity.get("recipe", {}).items()} if isinstance(identity.get("recipe"), dict) else {}
     flat.update({k: v for k, v in identity.items() if k != "recipe"})
@@ -56,8 +59,11 @@ def _flat(identity: dict) -> dict[str, Any]:
 
 
 def identity_differences(found: dict, asked: dict) -> dict[str, tuple[Any, Any]]:
-    """field -> (value in the directory, value asked for), for every field that differs."""
+    """field -> (value in the directory, value asked for), for every field that differs. A recipe
+    field added after the run was made counts as its default (which is what that run used)."""
     old, new = _flat(found), _flat(asked)
+    if isinstance(found.get("recipe"), dict):
+        old = {**_RECIPE_DEFAULTS, **old}
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

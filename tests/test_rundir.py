@@ -196,3 +196,18 @@ def test_best_checkpoint_and_load_run(straight_run):
 def test_multi_seed_resume_starts_seeds_that_have_not_started(mnist, tmp_path):
     with pytest.raises(RunError, match="none of the run directories exists yet"):
         train_seeds(small_recipe(), mnist, {1: tmp_path / "a", 2: tmp_path / "b"}, train_examples=SUBSET, resume=True)
+
+
+def test_a_recipe_field_added_later_counts_as_its_default():
+    """A run made before a recipe field existed (its config lacks it) is that field's default:
+    it still resumes, and asking for another value is a different run."""
+    import dataclasses
+
+    from jax_mnist.rundir import identity_differences, run_identity
+
+    asked = run_identity(small_recipe(), 1, SUBSET)
+    older = json.loads(json.dumps(asked))
+    del older["recipe"]["label_smoothing"]
+    assert identity_differences(older, asked) == {}
+    smoothed = run_identity(dataclasses.replace(small_recipe(), label_smoothing=0.1), 1, SUBSET)
+    assert identity_differences(older, smoothed) == {"recipe.label_smoothing": (0.0, 0.1)}

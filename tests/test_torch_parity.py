@@ -128,3 +128,19 @@ def test_gradients_match_pytorch(name, test_batch):
         error = float(np.abs(np.asarray(g) - np.asarray(want)).max())
         print(f"{name} {jax.tree_util.keystr(path)}: max |grad| {scale:.3g}, max |diff| {error:.2e}")
         assert error <= 5e-4 * scale, (jax.tree_util.keystr(path), error, scale)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_the_training_loss_is_torch_cross_entropy(label_smoothing):
+    """Recipe.label_smoothing means what PyTorch's CrossEntropyLoss(label_smoothing=...) means."""
+    import jax
+
+    from jax_mnist.engine import training_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(32, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, 32)
+    ours = float(training_loss(jax.nn.log_softmax(logits), labels, label_smoothing))
+    theirs = float(torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(torch.from_numpy(logits),
+                                                                              torch.from_numpy(labels)))  # fmt: skip
+    assert ours == pytest.approx(theirs, rel=1e-6)
