@@ -22,9 +22,9 @@ from jax_mnist.rundir import read_json, read_metrics
 
 # The order a study runs in when none is given: the project's recipes first, then the walk from
 # the cheap end (the most expensive, model 1, last): what says most per CPU hour comes first.
-STUDY_ORDER = ("final", "final_onecycle", "final_translate", "ours_8k", "ours_5k", "model_8_dropout_maxpool", "model_7_max_capacity", "model_6_gap",
-               "model_5_regularization", "model_4_batchnorm", "model_3_lighter_model", "model_2_skeleton",
-               "model_1_setup")  # fmt: skip
+STUDY_ORDER = ("final", "final_onecycle", "final_translate", "ours_8k", "ours_8k_scale", "ours_5k",
+               "model_8_dropout_maxpool", "model_7_max_capacity", "model_6_gap", "model_5_regularization",
+               "model_4_batchnorm", "model_3_lighter_model", "model_2_skeleton", "model_1_setup")  # fmt: skip
 
 
 class StudyError(JaxMnistError, ValueError):
