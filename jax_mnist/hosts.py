@@ -23,6 +23,7 @@ from jax_mnist.errors import JaxMnistError
 class HostsError(JaxMnistError):
     """A multi-process run that cannot start or go on: what happened, and what to do."""
 
+
 # The variables a launcher sets for every process (one process per host, or per accelerator group).
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 # Seconds without a heartbeat after which the coordination service declares a process dead.
@@ -50,7 +51,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return False
     if coordinator is None or ":" not in coordinator:
         raise HostsError(f"a multi-process run needs the coordinator as HOST:PORT (--coordinator or {ENV_COORDINATOR}), "
-                        f"found {coordinator!r}")  # fmt: skip
+                         f"found {coordinator!r}")  # fmt: skip
     if num_processes is not None and num_processes < 1:
         raise HostsError(f"--num-processes must be at least 1, found {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
