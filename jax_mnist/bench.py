@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist import host_memory
-from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.engine import Engine
-
+from jax_mnist.files import write_atomically
+from jax_mnist.recipes import get_recipe, with_overrides
 
 # jax.monitoring events: one per function traced (also when the persistent cache then serves
 # the executable), one per executable XLA actually compiles.
@@ -331,6 +331,4 @@ def format_result(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_atomically(path, json.dumps(result, indent=2) + "\n")

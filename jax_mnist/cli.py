@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -16,9 +17,29 @@ class UserError(JaxMnistError):
 
 
 class Interrupted(JaxMnistError):
-    """Ctrl-C, with what to do next: exit status 130, as a shell's for SIGINT."""
+    """Ctrl-C or SIGTERM, with what to do next: exit status 130 or 143, as a shell's."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean stop follows."""
+
+
+def continue_command(args, add_resume: bool) -> str:
+    """The command line that continues what ``args`` started, as the user can type it."""
+    import shlex
+
+    argv = [a for a in args.argv if a != "--resume"]
+    return "jax-mnist " + shlex.join(argv + (["--resume"] if add_resume else []))
+
+
+def interrupted(args, error: KeyboardInterrupt, add_resume: bool) -> Interrupted:
+    name, code = ("terminated (SIGTERM)", 143) if isinstance(error, Terminated) else ("interrupted", 130)
+    return Interrupted(f"{name}; every finished epoch is checkpointed: continue with {continue_command(args, add_resume)}",
+                       code)
 
 
 def cmd_summary(args) -> None:
@@ -158,20 +179,19 @@ def cmd_train(args) -> None:
         seeds = parse_seeds(args.seeds)
         out = args.out or f"runs/{recipe.name}"
         run_dirs = seed_dirs(out, seeds)
-        again = f"--seeds {args.seeds} --resume --out {out}"
         what = f"seeds {', '.join(map(str, seeds))} -> {out}/seed-<s>"
     else:
         seed = 1 if args.seed is None else args.seed
         out = args.out or f"runs/{recipe.name}-seed{seed}"
-        run_dirs, again, what = {seed: out}, f"--seed {seed} --resume --out {out}", f"seed {seed} -> {out}"
+        run_dirs, what = {seed: out}, f"seed {seed} -> {out}"
     join_processes(args)
     data = load_data(args)
     if is_main_process():
         print(f"training {recipe.name} ({recipe.model}) {what}", flush=True)
     try:
         train_seeds(recipe, data, run_dirs, resume=args.resume, train_examples=args.train_examples)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the last complete epoch is checkpointed: continue with {again}") from None
+    except KeyboardInterrupt as e:
+        raise interrupted(args, e, add_resume=True) from None
 
 
 def cmd_bench(args) -> None:
@@ -185,10 +205,7 @@ def cmd_bench(args) -> None:
                            seeds_examples=args.seeds_examples)  # fmt: skip
     print(format_result(result))
     if args.json:
-        try:
-            write_json(result, args.json)
-        except OSError as e:
-            raise UserError(f"{args.json}: cannot write the JSON ({e.strerror})") from None
+        write_json(result, args.json)
         print(f"wrote {args.json}")
 
 
@@ -199,21 +216,18 @@ def cmd_study(args) -> None:
     seeds = parse_seeds(args.seeds)
     if args.dry_run:
         study = read_study(args.out) if Path(args.out).is_dir() else {}
-        print(describe_plan(plan(args.out, recipes, seeds, args.max_epochs), study))
+        print(describe_plan(plan(args.out, recipes, seeds, args.max_epochs, args.train_examples), study))
         return
     join_processes(args)
     data = load_data(args)
     try:
         run_study(args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples)
-    except KeyboardInterrupt:
-        again = f"jax-mnist study --out {args.out} --seeds {args.seeds}"
-        again += f" --recipes {' '.join(args.recipes)}" if args.recipes else ""
-        again += f" --max-epochs {args.max_epochs}" if args.max_epochs else ""
-        raise Interrupted(f"interrupted; every finished epoch is checkpointed: continue with {again}") from None
+    except KeyboardInterrupt as e:
+        raise interrupted(args, e, add_resume=False) from None
 
 
 def cmd_report(args) -> None:
-    from jax_mnist.report import pasted_section, paste_into, render_markdown, write_figures
+    from jax_mnist.report import paste_into, pasted_section, render_markdown, write_figures
 
     out = Path(args.out or args.study)
     if args.check:
@@ -226,18 +240,15 @@ def cmd_report(args) -> None:
                             f"regenerate it with: jax-mnist report {args.study} --readme {readme}")  # fmt: skip
         print(f"{readme}: the report section equals the report of {args.study}")
         return
-    try:
-        written = write_figures(args.study, out, args.run)
-        report_md = out / "report.md"
-        report_md.write_text(render_markdown(args.study, out, out, args.run))
-        written.append(report_md)
-        if args.readme:
-            readme = Path(args.readme)
-            section = render_markdown(args.study, out, readme.parent, args.run)
-            readme.write_text(paste_into(_read_text(readme), section, str(readme)))
-            written.append(readme)
-    except OSError as e:
-        raise UserError(f"{e.filename}: cannot write ({e.strerror})") from None
+    from jax_mnist.files import write_atomically
+
+    written = write_figures(args.study, out, args.run)
+    report_md = write_atomically(out / "report.md", render_markdown(args.study, out, out, args.run))
+    written.append(report_md)
+    if args.readme:
+        readme = Path(args.readme)
+        section = render_markdown(args.study, out, readme.parent, args.run)
+        written.append(write_atomically(readme, paste_into(_read_text(readme), section, str(readme))))
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -261,20 +272,20 @@ def checkpoint_choice(text: str) -> str | int:
 
 
 def cmd_evaluate(args) -> None:
+    from jax_mnist.files import output_path
     from jax_mnist.inference import evaluate_run, evaluation_paths, write_evaluation
     from jax_mnist.rundir import load_run
 
-    run = load_run(args.run_dir, args.checkpoint)
-    data = load_data(args)
-    evaluation = evaluate_run(run, args.checkpoint, data.test_images, data.test_labels)
     json_path, predictions_path = evaluation_paths(args.run_dir, args.checkpoint)
     if args.out:
         predictions_path = Path(args.out)
         json_path = predictions_path.with_suffix(".json")
-    try:
-        write_evaluation(evaluation, json_path, predictions_path)
-    except OSError as e:
-        raise UserError(f"{e.filename}: cannot write ({e.strerror})") from None
+    for path in (predictions_path, json_path):  # checked before any work
+        output_path(path, args.force, "evaluation")
+    run = load_run(args.run_dir, args.checkpoint)
+    data = load_data(args)
+    evaluation = evaluate_run(run, args.checkpoint, data.test_images, data.test_labels)
+    write_evaluation(evaluation, json_path, predictions_path)
     print(f"{run.out}: {run.recipe.name} seed {run.seed}, checkpoint {args.checkpoint} (epoch {run.epoch})")
     print(f"test loss {evaluation.loss:.4f}  accuracy {evaluation.accuracy:.2f}%  "
           f"({int(np.sum(evaluation.predicted != evaluation.labels))} errors of {len(evaluation.labels):,})")
@@ -298,8 +309,10 @@ def cmd_predict(args) -> None:
 
 def cmd_export(args) -> None:
     from jax_mnist.export import export_pytorch, export_stablehlo
+    from jax_mnist.files import output_path
     from jax_mnist.rundir import load_run
 
+    output_path(args.path, args.force, "export")
     run = load_run(args.run_dir, args.checkpoint)
     if args.to == "pytorch":
         state_dict = export_pytorch(run, args.path)
@@ -405,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument("--out", help="predictions .npz (default RUN_DIR/predictions-<checkpoint>.npz; the figures "
                    "go beside it as .json)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace existing output files")
     add_data_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -419,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=("pytorch", "stablehlo"))
     p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -429,11 +444,34 @@ def main(argv: list[str] | None = None) -> int:
     # Process-wide, so here and not on import: before JAX starts its CPU backend (see host_memory).
     host_memory.apply_from_env()
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    code = _run(args)
+    args.argv = argv
+    with _sigterm_as_interrupt():
+        code = _run(args)
     if code:
         _leave_processes(code)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops a command as Ctrl-C does (one line, how to continue, exit 143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:
@@ -445,9 +483,10 @@ def _run(args) -> int:
     except JaxMnistError as e:
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"jax-mnist {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"jax-mnist {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

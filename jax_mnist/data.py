@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from jax_mnist.errors import JaxMnistError
+from jax_mnist.files import WriteError, write_atomically
 
 MEAN, STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]
 TFDS_VERSION = "3.0.1"
@@ -283,19 +284,11 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def write_cache(path: Path, mnist: Mnist) -> None:
     """Write the arrays and their digest to a temporary file, then rename it into place.
 
-    The rename is atomic, so an interrupted write leaves at most a stray temporary
-    file, never a cache file that a later load would trust.
+    The rename is atomic, so an interrupted write leaves no cache file that a later load would
+    trust (and no temporary file).
     """
     arrays = dict(vars(mnist))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, digest=np.array(_digest(arrays)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda f: np.savez(f, digest=np.array(_digest(arrays)), **arrays))
 
 
 def read_cache(path: Path) -> Mnist | None:
@@ -359,8 +352,8 @@ def load_mnist(
     try:
         write_cache(cache, mnist)
         cached = f"cached to {cache}"
-    except OSError as e:  # a read-only or full disk: the arrays are decoded, go on without the cache
-        cached = f"not cached ({cache}: {e.strerror}); the next load decodes again"
+    except WriteError as e:  # a read-only or full disk: the arrays are decoded, go on without the cache
+        cached = f"not cached ({e}); the next load decodes again"
     log(f"loaded and decoded {dataset_dir(data_dir)} in {time.perf_counter() - start:.2f} s; {cached}")
     return mnist
 

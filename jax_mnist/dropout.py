@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 # Threefry-2x32 rotation constants (Salmon et al. 2011), alternating every four rounds.

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist.errors import CheckpointError
-from jax_mnist.inference import inference_model, log_probabilities_fn, variables_of
+from jax_mnist.files import write_atomically
+from jax_mnist.inference import inference_model, log_probabilities_fn
 from jax_mnist.rundir import Run
 from jax_mnist.torch_io import to_torch_state_dict, write_torch_checkpoint
 from jax_mnist.zoo import INPUT_SHAPE
@@ -26,7 +27,7 @@ EXPORT_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_pytorch(run: Run, path: str | os.PathLike) -> dict[str, np.ndarray]:
-    state_dict = to_torch_state_dict(run.recipe.model, variables_of(run), batches_tracked=int(run.state.step))
+    state_dict = to_torch_state_dict(run.recipe.model, run.variables, batches_tracked=int(run.state.step))
     write_torch_checkpoint(path, state_dict)
     return state_dict
 
@@ -37,7 +38,7 @@ def stablehlo_function(run: Run) -> jax.export.Exported:
     The convolutions are XLA's own (not the CPU im2col form the engine may train with): one
     portable program, the same function."""
     model = inference_model(run.recipe, conv_impl="xla")
-    variables = jax.tree_util.tree_map(np.asarray, variables_of(run))
+    variables = jax.tree_util.tree_map(np.asarray, run.variables)
     apply = log_probabilities_fn(model)
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *INPUT_SHAPE), jnp.uint8)
@@ -46,12 +47,7 @@ def stablehlo_function(run: Run) -> jax.export.Exported:
 
 def export_stablehlo(run: Run, path: str | os.PathLike) -> jax.export.Exported:
     exported = stablehlo_function(run)
-    partial = f"{path}.partial"
-    try:
-        Path(partial).write_bytes(exported.serialize())
-        os.replace(partial, path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
+    write_atomically(path, bytes(exported.serialize()))
     return exported
 
 

@@ -21,9 +21,10 @@ import numpy as np
 
 from jax_mnist.engine import normalize, preprocess
 from jax_mnist.errors import JaxMnistError
+from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
-from jax_mnist.rundir import Run, write_atomically
+from jax_mnist.rundir import Run
 from jax_mnist.zoo import S7Net, get_model
 
 NUM_CLASSES = 10
@@ -41,7 +42,7 @@ def inference_model(recipe: Recipe, conv_impl: str | None = None) -> S7Net:
 
 
 def variables_of(run: Run) -> dict:
-    return {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    return run.variables
 
 
 def log_probabilities_fn(model: S7Net):
@@ -147,10 +148,7 @@ def evaluation_paths(run_dir: str | os.PathLike, checkpoint: str | int) -> tuple
 
 def write_evaluation(evaluation: Evaluation, json_path: Path, predictions_path: Path) -> None:
     wrong = evaluation.misclassified
-    predictions_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = predictions_path.with_name(predictions_path.name + ".partial.npz")
-    np.savez_compressed(
-        partial,
+    arrays = dict(
         label=evaluation.labels.astype(np.uint8),
         predicted=evaluation.predicted.astype(np.uint8),
         probabilities=evaluation.probabilities.astype(np.float32),
@@ -158,7 +156,11 @@ def write_evaluation(evaluation: Evaluation, json_path: Path, predictions_path: 
         misclassified_images=evaluation.images[wrong].astype(np.uint8),
         epoch=np.int32(evaluation.epoch),
     )
-    os.replace(partial, predictions_path)
+    try:
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{predictions_path.parent}: cannot create the directory ({e.strerror})") from None
+    write_atomically(predictions_path, lambda f: np.savez_compressed(f, **arrays))
     write_atomically(json_path, json.dumps(evaluation.summary(), indent=1) + "\n")
 
 

@@ -10,12 +10,13 @@ import functools
 import math
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jax_mnist.dropout import Dropout as FusedDropout
 from jax_mnist.errors import ConfigError
+
 
 def torch_uniform_init(fan_in: int) -> Callable:
     """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and bias."""

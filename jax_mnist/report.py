@@ -8,6 +8,8 @@ of the original read against seed noise, and links to ``curves.png``, ``misclass
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import statistics
@@ -18,7 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from jax_mnist.errors import JaxMnistError
+from jax_mnist.files import write_atomically
 from jax_mnist.recipes import RECIPE_NAMES, get_recipe
+from jax_mnist.rundir import MNIST_TRAIN_EXAMPLES, identity_differences, non_finite_fields
 from jax_mnist.study import SeedRun, read_study, seconds_per_seed_epoch
 
 TARGET = 99.4  # % test accuracy, the original's goal
@@ -50,7 +54,12 @@ class RecipeResult:
     name: str
     model: str
     planned_epochs: int  # the registered recipe's epochs
-    runs: list[SeedRun]
+    runs: list[SeedRun]  # seeds of one identity (recipe and data): samples of one experiment
+    left_out: tuple = ()  # (seed, why) of runs in the recipe's directory with another identity
+
+    @property
+    def train_examples(self) -> int:
+        return self.runs[0].train_examples if self.runs else MNIST_TRAIN_EXAMPLES
 
     @property
     def finished(self) -> list[SeedRun]:
@@ -80,8 +89,49 @@ def collect(study: dict[str, list[SeedRun]]) -> list[RecipeResult]:
             model, epochs = recipe.model, recipe.epochs
         else:
             model, epochs = runs[0].config["recipe"]["model"], runs[0].epochs
-        results.append(RecipeResult(name, model, epochs, runs))
+        kept, left_out = one_identity(name, runs)
+        kept, broken = finite_runs(kept)
+        results.append(RecipeResult(name, model, epochs, kept, tuple(sorted(left_out + broken))))
     return results
+
+
+def finite_runs(runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tuple]:
+    """The runs whose recorded numbers are all finite, and (seed, why) for the others."""
+    kept, broken = [], []
+    for run in runs:
+        bad = [(row["epoch"], field) for row in run.history for field in non_finite_fields(row)]
+        if bad:
+            epoch, field = bad[0]
+            broken.append((run.seed, f"{field} is not finite at epoch {epoch}"))
+        else:
+            kept.append(run)
+    return kept, tuple(broken)
+
+
+def one_identity(name: str, runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tuple]:
+    """The runs of a recipe directory that are samples of one experiment (the same identity: the
+    whole recipe and the data), and (seed, why) for each other run. The identity kept is the
+    registered recipe's on the full training set when some run has it, else the most common."""
+    groups: dict[str, list[SeedRun]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run.identity, sort_keys=True), []).append(run)
+    if len(groups) <= 1:
+        return list(runs), ()
+    wanted = None
+    if name in RECIPE_NAMES:
+        identity = {"recipe": dataclasses.asdict(get_recipe(name)), "train_examples": MNIST_TRAIN_EXAMPLES}
+        wanted = json.dumps(identity, sort_keys=True)
+    key = wanted if wanted in groups else max(groups, key=lambda k: (len(groups[k]), -groups[k][0].seed))
+    kept = groups[key]
+    left_out = []
+    for other, members in groups.items():
+        if other == key:
+            continue
+        differences = identity_differences(members[0].identity, kept[0].identity)
+        why = "another run: " + ", ".join(f"{k.removeprefix('recipe.')} {old!r} (the row: {new!r})"
+                                          for k, (old, new) in differences.items())
+        left_out += [(run.seed, why) for run in members]
+    return kept, tuple(left_out)
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -112,6 +162,8 @@ def _mean_and_range(values: Sequence[float]) -> str:
 def _epochs_cell(result: RecipeResult) -> str:
     ran = sorted({r.epochs for r in result.runs}) or [result.planned_epochs]
     cells = [f"{e}" if e == result.planned_epochs else f"{e} (of {result.planned_epochs}, shortened)" for e in ran]
+    if result.train_examples != MNIST_TRAIN_EXAMPLES:
+        cells.append(f"on {result.train_examples:,} training examples")
     return ", ".join(cells)
 
 
@@ -121,6 +173,8 @@ def _seeds_cell(result: RecipeResult) -> str:
     cell = _seed_list(done) if done else "none finished"
     if unfinished:
         cell += f" (unfinished: {', '.join(f'{r.seed} at epoch {len(r.history)}' for r in unfinished)})"
+    if result.left_out:
+        cell += f" (left out: {'; '.join(f'seed {seed}: {why}' for seed, why in result.left_out)})"
     return cell
 
 
@@ -252,9 +306,7 @@ def _figure(width: float, height: float):
 
 def _save(figure, path: Path) -> None:
     # No "Software" entry (matplotlib's version): the bytes depend on the inputs only.
-    partial = path.with_name(path.name + ".partial.png")
-    figure.savefig(partial, format="png", metadata={"Software": None})
-    os.replace(partial, path)
+    write_atomically(path, lambda f: figure.savefig(f, format="png", metadata={"Software": None}))
 
 
 def _per_epoch(runs: Sequence[SeedRun], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -345,9 +397,12 @@ def draw_confusion(predictions, title: str, path: Path) -> None:
 
 def write_figures(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   evaluated_run: str = DEFAULT_EVALUATED_RUN) -> list[Path]:  # fmt: skip
+    results = collect(read_study(study_dir))  # a missing study is an error before anything is made
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results = collect(read_study(study_dir))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"{out}: cannot create the directory ({e.strerror})") from None
     written = [out / "curves.png"]
     draw_curves(results, written[0])
     evaluated = _evaluated(study_dir, evaluated_run)

@@ -14,15 +14,12 @@ and their digests.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -31,35 +28,22 @@ from jax_mnist import hosts
 from jax_mnist.data import Mnist
 from jax_mnist.engine import Engine, seed_slice, steps_per_epoch
 from jax_mnist.recipes import Recipe
-from jax_mnist.rundir import (  # noqa: F401  (RunError, run_identity, load_run: public here too)
-    Checkpoints,
-    Run,
-    RunError,
-    check_run_dir,
-    load_run,
-    locked,
-    read_metrics,
-    run_identity,
-    write_atomically,
-    write_metrics,
-)
+from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity
+
+
+def load_run(out_dir, checkpoint="last"):
+    """Deprecated here: ``jax_mnist.rundir.load_run`` is the one place (this alias stays for
+    callers of the README's earlier ``jax_mnist.run.load_run``)."""
+    import warnings
+
+    from jax_mnist import rundir
+
+    warnings.warn("jax_mnist.run.load_run is deprecated: use jax_mnist.rundir.load_run", DeprecationWarning, stacklevel=2)
+    return rundir.load_run(out_dir, checkpoint)
 
 
 class NonFiniteLoss(RunError):
     pass
-
-
-def _versions() -> dict[str, str]:
-    import flax
-    import optax
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}  # fmt: skip
-
-
-def _device() -> dict[str, object]:
-    device = jax.devices()[0]
-    return {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
 
 
 class _Progress:
@@ -95,22 +79,6 @@ class _Progress:
 
     def close(self) -> None:
         self._show("")
-
-
-@dataclasses.dataclass
-class _SeedRun:
-    """One seed's run directory and what has been recorded in it."""
-
-    seed: int
-    out: Path
-    checkpoints: Checkpoints
-    history: list[dict]
-    start_epoch: int
-    state: Any = None  # the restored state of start_epoch (None: start from the seed's init)
-
-    @property
-    def best_accuracy(self) -> float:
-        return max((row["test_accuracy"] for row in self.history), default=-math.inf)
 
 
 def train(
@@ -179,7 +147,7 @@ def train_seeds(
         runs = _shared_runs(lambda: _open_runs(stack, engine, recipe, run_dirs, resume, train_examples, log), run_dirs)
         train_set = engine.put_shared((data.train_images[:train_examples], data.train_labels[:train_examples]))
         test_set = engine.put_shared((data.test_images, data.test_labels))
-        groups: dict[int, list[_SeedRun]] = {}
+        groups: dict[int, list[RunDir]] = {}
         for run in runs:
             if run.start_epoch >= recipe.epochs:
                 log(f"seed {run.seed}: all {recipe.epochs} epochs are done in {run.out}")
@@ -203,72 +171,33 @@ class PeerLost(RunError):
 
 
 def _open_runs(stack: contextlib.ExitStack, engine: Engine, recipe: Recipe, run_dirs: Mapping[int, str | os.PathLike],
-               resume: bool, train_examples: int, log) -> list[_SeedRun]:  # fmt: skip
+               resume: bool, train_examples: int, log) -> list[RunDir]:
     """Every run directory checked, then each opened (locked, restored) for the life of ``stack``."""
     plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
-    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(out.iterdir())}
+    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(p.name != ".lock" for p in out.iterdir())}
     if resume and len(plans) > 1 and not started:
         raise RunError(f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
-                       "nothing to resume (drop --resume to start the runs)")  # fmt: skip
+                       "nothing to resume (drop --resume to start the runs)")
     # With --resume, seeds of a multi-seed run that have not started yet start now.
     previous = {seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
-                for seed, (out, identity) in plans.items()}  # fmt: skip
-    return [stack.enter_context(_opened(engine, recipe, seed, out, identity, previous[seed], log))
-            for seed, (out, identity) in plans.items()]  # fmt: skip
+                for seed, (out, identity) in plans.items()}
+    # The state's structure, to restore checkpoints into: traced only when something is resumed.
+    like = jax.eval_shape(engine.init, jax.random.key(0)) if any(p is not None for p in previous.values()) else None
+    warn = lambda message: log(message if message.startswith("warning:") else f"warning: {message}")  # noqa: E731
+    return [stack.enter_context(RunDir.open(seed, out, identity, previous[seed], like, warn))
+            for seed, (out, identity) in plans.items()]
 
 
-def _shared_runs(open_runs: Callable[[], list[_SeedRun]], run_dirs: Mapping[int, str | os.PathLike]) -> list[_SeedRun]:
+def _shared_runs(open_runs: Callable[[], list[RunDir]], run_dirs: Mapping[int, str | os.PathLike]) -> list[RunDir]:
     """``open_runs()`` on the main process; every other process of a multi-process run learns where
     each seed starts (or the main process's error) and holds the runs without their files."""
     shared = hosts.from_main(open_runs, lambda runs: {str(run.seed): run.start_epoch for run in runs})
     if hosts.is_main():
         return shared
-    return [_SeedRun(seed, Path(out), None, [], shared[str(seed)]) for seed, out in run_dirs.items()]
+    return [RunDir.elsewhere(seed, Path(out), shared[str(seed)]) for seed, out in run_dirs.items()]
 
 
-@contextlib.contextmanager
-def _opened(engine: Engine, recipe: Recipe, seed: int, out: Path, identity: dict, previous: dict | None, log):
-    """The run directory of one seed, locked, with its checkpoints verified and history restored."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"{out}: cannot create the run directory ({e.strerror})") from None
-    with locked(out):
-        checkpoints = Checkpoints(out, warn=lambda message: log(f"warning: {message}"))
-        try:
-            run = _SeedRun(seed, out, checkpoints, [], 0)
-            if previous is None:  # a new run (or one that stopped before its first checkpoint)
-                for leftover in ("metrics.jsonl", "digests.json"):
-                    (out / leftover).unlink(missing_ok=True)
-                config = {**identity, "versions": _versions(), "device": _device()}
-                write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
-            else:
-                _restore(engine, run, previous, identity)
-            yield run
-        finally:
-            checkpoints.close()
-
-
-def _restore(engine: Engine, run: _SeedRun, previous: dict, identity: dict) -> None:
-    """Continue ``run`` from its newest good checkpoint; its history must reach that epoch."""
-    found = run.checkpoints.restore_latest_good(jax.eval_shape(engine.init, jax.random.key(0)))
-    rows = read_metrics(run.out / "metrics.jsonl")
-    if found is None and rows:
-        raise RunError(f"{run.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "
-                       f"{len(rows)} epochs recorded in metrics.jsonl: start the run again in another --out")  # fmt: skip
-    run.start_epoch, run.state = found if found is not None else (0, None)
-    history = [r for r in rows if r["epoch"] <= run.start_epoch]
-    if [r["epoch"] for r in history] != list(range(1, run.start_epoch + 1)):
-        raise RunError(f"{run.out / 'metrics.jsonl'} records epochs {[r['epoch'] for r in history]} but the checkpoints "
-                       f"reach epoch {run.start_epoch}: resuming would lose that history; restore the file, or "
-                       "start the run again in another --out")  # fmt: skip
-    run.history = history
-    write_metrics(run.out / "metrics.jsonl", history)  # drop rows of epochs whose checkpoint never completed
-    if previous.get("recipe") != identity["recipe"]:  # extended to more epochs (check_run_dir allowed it)
-        write_atomically(run.out / "config.json", json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n")
-
-
-def _restored_states(engine: Engine, group: list[_SeedRun]):
+def _restored_states(engine: Engine, group: list[RunDir]):
     """The restored states of ``group``'s seeds, stacked as numpy arrays (from the main process,
     which alone read them, on every process)."""
     like = jax.eval_shape(engine.init, jax.random.key(0))
@@ -277,7 +206,7 @@ def _restored_states(engine: Engine, group: list[_SeedRun]):
     return hosts.broadcast(jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_seed))
 
 
-def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_epoch: int, train_set, test_set,
+def _train_group(engine: Engine, recipe: Recipe, group: list[RunDir], start_epoch: int, train_set, test_set,
                  log, on_epoch_end, progress_enabled, name_seeds: bool) -> None:  # fmt: skip
     """Epochs ``start_epoch`` .. of the seeds in ``group``, stacked on one seed axis."""
     seeds = [run.seed for run in group]
@@ -299,10 +228,10 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
         if bad:
             bar.close()
             which = "" if len(seeds) == 1 else " for seed " + ", ".join(str(s) for s, _ in bad)
-            kept = ", ".join(f"{run.out / 'checkpoints'} (epoch {max(run.checkpoints.epochs(), default='none')})"
-                             for run in group)  # fmt: skip
-            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. "
-                                f"The last good checkpoints are kept: {kept}")  # fmt: skip
+            kept = [f"{run.out / 'checkpoints'} (epoch {run.last_epoch})" for run in group if run.last_epoch]
+            where = (f"The last good checkpoints are kept: {', '.join(kept)}" if kept
+                     else "No checkpoint was written yet (this is its first epoch)")
+            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. {where}")
         bar.status(f"evaluating {len(seeds)} seed(s) on {test_set[1].shape[0]:,} test images")
         tests = engine.evaluate_seeds(states, *test_set)
         epoch_seconds = round(time.perf_counter() - started, 3)
@@ -318,11 +247,7 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[_SeedRun], start_ep
                 "test_accuracy": tests[k]["accuracy"],
                 "epoch_seconds": epoch_seconds,
             }
-            best = row["test_accuracy"] > run.best_accuracy
-            run.history.append(row)
-            if run.checkpoints is not None:  # None: a process other than the main one
-                write_metrics(run.out / "metrics.jsonl", run.history)
-                run.checkpoints.save(epoch + 1, seed_slice(saved, k), best=best)
+            run.commit_epoch(row, seed_slice(saved, k))
             bar.close()
             log(f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr {lr:.5f}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "

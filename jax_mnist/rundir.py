@@ -1,43 +1,67 @@
-"""A run directory that never loses data: identity checks, a lock, verified checkpoints, the best one.
+"""The run directory: one owner for its files, reading that never changes it, epochs committed once.
 
 Layout (one seed):
-- ``config.json``: the run's identity (resolved recipe, seed, training-set size) plus versions
-  and device;
-- ``metrics.jsonl``: one JSON object per finished epoch;
-- ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs;
-- ``best/<epoch>/``: the checkpoint of the epoch with the best test accuracy so far;
-- ``digests.json``: sha256 of every checkpoint's arrays, written after its save completed
-  and checked on every restore;
-- ``.lock``: the pid of the process training in the directory, while it runs.
+- ``config.json``: the run's identity (resolved recipe, seed, training-set size) plus the
+  versions that wrote it (jax-mnist's among them) and the device;
+- ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs, each with four items:
+  ``weights`` (params, batch_stats), ``rest`` (step, optimizer state) and ``record`` (JSON: the
+  history of every epoch up to this one, the sha256 of the two array items, the versions);
+  orbax writes a step into a temporary directory and renames it when it is complete, so that
+  rename commits the epoch: its metrics row and its weights become visible together;
+- ``metrics.jsonl``: one JSON object per committed epoch, rewritten after each commit (a copy of
+  the newest record's history, for readers that read no checkpoint);
+- ``best/<epoch>/``: the same, of the epoch with the best test accuracy so far;
+- ``quarantine/``: checkpoints a training could not use (bytes that fail their digest or do
+  not decode), moved there with the ``metrics.jsonl`` of that moment, never deleted;
+- ``.lock``: locked (``fcntl.flock``) by the process training in the directory; the pid inside
+  is only for the message;
+- ``digests.json``: only in runs written before checkpoint format 2 (one ``default`` item per
+  checkpoint, its digest kept here).
 
-Every check here happens before anything is written; a failure is a ``RunError`` whose one
-line names the path and what was expected and found.
+The checkpoints themselves (formats, digests, what is a mismatch and what is corruption) are
+``jax_mnist.checkpoints``.
+
+``RunDir`` is the writer: it checks, locks, restores, commits epochs and closes. Everything else
+here reads, and reading (``load_run``, ``read_run``, ``read_history``) never deletes, moves or
+rewrites anything. A checkpoint whose tree does not fit the current code is a ``TreeMismatch``
+(one line: what differs, which versions wrote and read it), not corruption: nothing is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
-import logging
+import math
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from jax_mnist.checkpoints import (
+    FORMAT,
+    CheckpointStore,
+    CheckpointVanished,
+    CorruptCheckpoint,
+    UnverifiedCheckpoint,
+    committed_epochs,
+    versions,
+)
 from jax_mnist.errors import JaxMnistError
+from jax_mnist.files import write_atomically
 from jax_mnist.recipes import Recipe
+
+MNIST_TRAIN_EXAMPLES = 60_000
 
 
 class RunError(JaxMnistError, ValueError):
     """A run that cannot start or go on (bad arguments, a foreign --out, non-finite loss)."""
 
+
+# --------------------------------------------------------------------------- identity
 
 # Fields whose change leaves the numbers of the epochs already run as they were, when the
 # schedule does not depend on the number of epochs (OneCycle does): a finished run can be extended.
@@ -49,11 +73,14 @@ def run_identity(recipe: Recipe, seed: int, train_examples: int) -> dict:
     return {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
 
 
-_RECIPE_DEFAULTS = {f"recipe.{f.name}": f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+_RECIPE_DEFAULTS = {
+    f"recipe.{f.name}": f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING
+}
 
 
 def _flat(identity: dict) -> dict[str, Any]:
-    flat = {f"recipe.{k}": v for k, v in identity.get("recipe", {}).items()} if isinstance(identity.get("recipe"), dict) else {}
+    recipe = identity.get("recipe")
+    flat = {f"recipe.{k}": v for k, v in recipe.items()} if isinstance(recipe, dict) else {}
     flat.update({k: v for k, v in identity.items() if k != "recipe"})
     return flat
 
@@ -64,7 +91,17 @@ def identity_differences(found: dict, asked: dict) -> dict[str, tuple[Any, Any]]
     old, new = _flat(found), _flat(asked)
     if isinstance(found.get("recipe"), dict):
         old = {**_RECIPE_DEFAULTS, **old}
+    if isinstance(asked.get("recipe"), dict):
+        new = {**_RECIPE_DEFAULTS, **new}
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def device() -> dict[str, object]:
+    first = jax.devices()[0]
+    return {"platform": first.platform, "kind": first.device_kind, "count": jax.device_count()}
+
+
+# --------------------------------------------------------------------------- reading files
 
 
 def read_json(path: Path) -> Any:
@@ -78,8 +115,12 @@ def read_metrics(path: Path) -> list[dict]:
     """The rows of ``metrics.jsonl``; a line that is not one of our epoch rows is an error naming it."""
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RunError(f"{path}: unreadable ({e.strerror})") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -92,22 +133,221 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"{path}: cannot write ({e.strerror})") from None
-
-
 def write_metrics(path: Path, rows: list[dict]) -> None:
     write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _has_checkpoints(out: Path) -> bool:
-    return any(p.name.isdigit() for p in (out / "checkpoints").glob("*"))
+def non_finite_fields(row: dict) -> list[str]:
+    """The numbers of an epoch row that are NaN or infinite."""
+    return [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+# --------------------------------------------------------------------------- a run as data
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A run directory as recorded on disk: its config and its history (one row per epoch).
+
+    The one record type of a run: training, the study and the report all read runs as this."""
+
+    out: Path
+    config: dict
+    history: list[dict]
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(**self.config["recipe"])
+
+    @property
+    def recipe_name(self) -> str:
+        return str(self.config["recipe"]["name"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def train_examples(self) -> int:
+        return int(self.config["train_examples"])
+
+    @property
+    def epochs(self) -> int:
+        """The epochs the run was configured for."""
+        return int(self.config["recipe"]["epochs"])
+
+    @property
+    def finished(self) -> bool:
+        return len(self.history) >= self.epochs
+
+    @property
+    def test_accuracies(self) -> list[float]:
+        return [row["test_accuracy"] for row in self.history]
+
+    @property
+    def identity(self) -> dict:
+        """What makes two seeds samples of one experiment: the whole recipe (its fields added
+        later at their defaults) and the data, everything but the seed."""
+        recipe = {k.removeprefix("recipe."): v for k, v in {**_RECIPE_DEFAULTS, **_flat(self.config)}.items()
+                  if k.startswith("recipe.")}
+        return {"recipe": recipe, "train_examples": self.train_examples}
+
+
+def read_run(out_dir: str | os.PathLike) -> RunRecord:
+    """The config and history of a run directory (read only; errors name the file)."""
+    out = Path(out_dir)
+    if not out.exists():
+        raise RunError(f"{out}: no such directory")
+    if not out.is_dir():
+        raise RunError(f"{out}: not a directory")
+    config_path = out / "config.json"
+    if not config_path.exists():
+        raise RunError(f"{out}: not a jax-mnist run directory (no config.json)")
+    config = read_json(config_path)
+    try:
+        Recipe(**config["recipe"])
+        int(config["seed"]), int(config["train_examples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{config_path}: not a run config of this version of jax-mnist ({e})") from None
+    return RunRecord(out, config, read_history(out))
+
+
+def read_history(out: Path) -> list[dict]:
+    """The committed epochs: ``metrics.jsonl``, or the newest checkpoint's record when a training
+    stopped between committing an epoch and rewriting ``metrics.jsonl`` (read only)."""
+    rows = read_metrics(out / "metrics.jsonl")
+    newest = max(committed_epochs(out / "checkpoints"), default=0)
+    if newest <= len(rows):
+        return rows
+    store = CheckpointStore(out, "checkpoints")
+    try:
+        record = store.record(newest)
+    finally:
+        store.close()
+    history = record.get("history") if record else None
+    if isinstance(history, list) and [r.get("epoch") for r in history] == list(range(1, len(history) + 1)):
+        if history[: len(rows)] == rows:
+            return history
+    return rows
+
+
+# --------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold ``out/.lock`` (``fcntl.flock``) while the block runs; a directory locked by a live
+    process is refused. The kernel drops the lock of a process that dies, so a lock file left by
+    kill -9 is simply taken; the pid inside is only for the message."""
+    import fcntl
+
+    lock = out / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise RunError(f"{lock}: cannot create the lock file ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{out} is in use by process {holder} (lock {lock}); wait for it or stop it") from None
+        try:  # the holder we raced with may have removed the file: only the file at the path counts
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    with contextlib.suppress(OSError):  # a full disk: the pid is only for the message
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+@dataclasses.dataclass(frozen=True)
+class Run(RunRecord):
+    """A run directory with the weights of one checkpoint: what ``load_run`` returns.
+
+    ``state`` is an ``engine.TrainState`` with ``step``, ``params`` and ``batch_stats``; its
+    ``opt_state`` is None (reading a run restores the weights only)."""
+
+    epoch: int = 0  # the epoch whose weights these are
+    state: Any = None
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.state.params, "batch_stats": self.state.batch_stats}
+
+
+def weights_like(recipe: Recipe) -> dict:
+    """The shapes and dtypes of ``{'params', 'batch_stats'}`` of ``recipe``'s network."""
+    from jax_mnist.zoo import get_model, init_variables
+
+    model = get_model(recipe.model)
+    return jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0))
+
+
+def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last",
+             warn: Callable[[str], None] | None = None) -> Run:
+    """A finished or interrupted run: its recipe, seed, metrics, and the verified weights of
+    ``checkpoint``: "last" (the newest good checkpoint), "best" (best test accuracy) or an epoch.
+
+    Read only: a checkpoint that fails its digest (or, in an older run, has none) is reported
+    through ``warn`` and stepped over for "last", an error otherwise; nothing is deleted or moved.
+    A checkpoint that does not fit this code's network is a ``TreeMismatch``."""
+    from jax_mnist.engine import TrainState
+
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    record = read_run(out_dir)
+    like = weights_like(record.recipe)
+    kind = "best" if checkpoint == "best" else "checkpoints"
+    for attempt in range(3):  # a training may rotate a checkpoint away while it is read
+        store = CheckpointStore(record.out, kind)
+        try:
+            epoch, weights, step = _pick(store, checkpoint, like, record.config, warn)
+            break
+        except CheckpointVanished:
+            if attempt == 2:
+                raise RunError(f"{store.directory}: checkpoints were removed while they were read three times: "
+                               "a training is running in this directory; try again when it has finished") from None
+        finally:
+            store.close()
+    state = TrainState(step=np.int32(step), params=weights["params"], batch_stats=weights["batch_stats"], opt_state=None)
+    return Run(record.out, record.config, read_history(record.out), epoch=epoch, state=state)
+
+
+def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, dict, int]:
+    epochs = store.epochs()
+    if checkpoint in ("best", "last"):
+        if not epochs:
+            raise RunError(f"{store.directory}: no {'best ' if checkpoint == 'best' else ''}checkpoint")
+        candidates = list(reversed(epochs))
+    else:
+        epoch = int(checkpoint)
+        if epoch not in epochs:
+            raise RunError(f"{store.directory}: no checkpoint of epoch {epoch}; found {epochs}")
+        candidates = [epoch]
+    for epoch in candidates:
+        try:
+            weights, step = store.restore_weights(epoch, like, config)
+            return epoch, weights, step
+        except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
+            if len(candidates) == 1 or checkpoint != "last":
+                raise
+            warn(f"{e}; skipped (left as it is); trying the checkpoint before it")
+    raise RunError(f"{store.directory}: no checkpoint that restores and verifies (epochs {epochs}); nothing was changed")
+
+
+# --------------------------------------------------------------------------- the writer
 
 
 def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dict | None:
@@ -123,14 +363,14 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
         raise RunError(f"{out}: not a directory")
     config_path = out / "config.json"
     if not config_path.exists():
-        if any(out.iterdir()):
+        if any(p.name != ".lock" for p in out.iterdir()):  # a lock file alone: a run killed at its start
             raise RunError(f"{out}: not empty and not a jax-mnist run (no config.json); refusing to write "
-                           "into it: choose another --out")  # fmt: skip
+                           "into it: choose another --out")
         if resume:
             raise RunError(f"{out}: empty, so nothing to resume (drop --resume to start the run)")
         return None
     previous = read_json(config_path)
-    started = _has_checkpoints(out) or bool(read_metrics(out / "metrics.jsonl"))
+    started = bool(committed_epochs(out / "checkpoints")) or bool(read_metrics(out / "metrics.jsonl"))
     differences = identity_differences({k: previous.get(k) for k in identity}, identity)
     if not started:  # a run that stopped before its first checkpoint: nothing to lose
         return None
@@ -138,286 +378,125 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
     if differences and not (extending and differences["recipe.epochs"][1] >= differences["recipe.epochs"][0]):
         listed = "; ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items())
         why = (" (a OneCycle schedule depends on the number of epochs, so more epochs is another run)"
-               if set(differences) <= _EXTENDABLE else "")  # fmt: skip
+               if set(differences) <= _EXTENDABLE else "")
         raise RunError(f"{out} holds a different run ({listed}){why}; refusing to overwrite it: choose another --out")
     if not resume:
         raise RunError(f"{out} already holds this run; pass --resume to continue it, or choose another --out")
     return previous
 
 
-# --------------------------------------------------------------------------- lock
+class RunDir:
+    """One run directory opened for training: locked, its checkpoints verified, its history
+    restored; ``commit_epoch`` records an epoch. The only code that writes a run directory."""
 
+    def __init__(self, seed: int, out: Path, log: Callable[[str], None] = print, local: bool = True):
+        self.seed, self.out, self.log = seed, Path(out), log
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.state = None  # the restored state of start_epoch (None: start from the seed's init)
+        self.local = local  # False: a process of a multi-process run that holds no files
+        self.last = CheckpointStore(self.out, "checkpoints", writable=True, keep=2) if local else None
+        self.best = CheckpointStore(self.out, "best", writable=True, keep=1) if local else None
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    @classmethod
+    def elsewhere(cls, seed: int, out: Path, start_epoch: int) -> "RunDir":
+        """A seed's run as seen by a process other than the one writing its directory."""
+        run = cls(seed, out, local=False)
+        run.start_epoch = start_epoch
+        return run
 
-
-@contextlib.contextmanager
-def locked(out: Path):
-    """Hold ``out/.lock`` (our pid) while the block runs; another live holder is refused.
-
-    A lock left by a process that no longer exists (kill -9) is taken over.
-    """
-    lock = out / ".lock"
-    while True:
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, seed: int, out: Path, identity: dict, previous: dict | None, like, log: Callable[[str], None]):
+        """The run directory of one seed for the life of the block. ``previous``: its config
+        (from ``check_run_dir``) when it continues a run; ``like``: the train state's structure."""
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{out}: cannot create the run directory ({e.strerror})") from None
+        with locked(out):
+            run = cls(seed, out, log)
             try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                raise RunError(f"{out} is in use by process {holder} (lock {lock}); wait for it or stop it") from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def state_digest(state) -> str:
-    """sha256 over every array of ``state`` (paths, dtypes, shapes and bytes, in tree order)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs a traceback for every failed restore; ours says it in one line instead."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "orbax.checkpoint")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _stderr_held():
-    """Hold what is written to file descriptor 2 (by Python or by C++ threads) while the block runs;
-    yields a list that receives it. A failed orbax save prints a traceback per pending write from
-    tensorstore's threads; the caller reports the failure in one line instead, and replays the
-    text when the block succeeded."""
-    import tempfile
-
-    sys.stderr.flush()
-    held: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield held
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            held.append(sink.read().decode(errors="replace"))
-
-
-class Checkpoints:
-    """The checkpoints of one run directory: the last two epochs, the best one, their digests."""
-
-    def __init__(self, out: Path, warn=None):
-        import orbax.checkpoint as ocp
-
-        self.out = Path(out)
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-        common: dict[str, Any] = {"enable_async_checkpointing": False}
-        if jax.process_count() > 1:
-            # A multi-process run: only the process that holds the run directory (the main one,
-            # jax_mnist.hosts) writes it, so orbax must not wait for the others at its barriers.
-            me = jax.process_index()
-            common["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-            common["create"] = False  # orbax cannot create the directories with active_processes set
-            for kind in ("checkpoints", "best"):
-                (self.out / kind).mkdir(parents=True, exist_ok=True)
-        with _quiet_orbax():
-            self.last = ocp.CheckpointManager((self.out / "checkpoints").absolute(),
-                                              options=ocp.CheckpointManagerOptions(max_to_keep=2, **common))
-            self.best = ocp.CheckpointManager((self.out / "best").absolute(),
-                                              options=ocp.CheckpointManagerOptions(max_to_keep=1, **common))
+                if previous is None:  # a new run (or one that stopped before its first checkpoint)
+                    for leftover in ("metrics.jsonl", "digests.json"):  # they record no epoch
+                        (out / leftover).unlink(missing_ok=True)
+                    config = {**identity, "versions": versions(), "device": device()}
+                    write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
+                else:
+                    run._resume(previous, identity, like)
+                yield run
+            finally:
+                run.last.close()
+                run.best.close()
 
     @property
-    def digests_path(self) -> Path:
-        return self.out / "digests.json"
+    def best_accuracy(self) -> float:
+        return max((row["test_accuracy"] for row in self.history), default=-math.inf)
 
-    def _digests(self) -> dict[str, str]:
-        return read_json(self.digests_path) if self.digests_path.exists() else {}
+    @property
+    def last_epoch(self) -> int | None:
+        """The newest committed epoch (None: none yet)."""
+        return max(self.last.epochs(), default=None) if self.local else None
 
-    def epochs(self) -> list[int]:
-        return sorted(self.last.all_steps())
-
-    def best_epoch(self) -> int | None:
-        return self.best.latest_step()
-
-    def save(self, epoch: int, state, best: bool = False) -> None:
-        """Save ``state`` as epoch ``epoch`` (and as the best one), then record its digest."""
-        for kind, manager in (("checkpoints", self.last), *((("best", self.best),) if best else ())):
-            self._save(manager, kind, epoch, state)
-
-    def _save(self, manager, kind: str, epoch: int, state) -> None:
-        import orbax.checkpoint as ocp
-
-        target = self.out / kind / str(epoch)
-        try:
-            with _quiet_orbax(), _stderr_held() as held:
-                if epoch in manager.all_steps():  # the same epoch run again after a fall-back: replace it
-                    manager.delete(epoch)
-                manager.save(epoch, args=ocp.args.StandardSave(state), force=True)
-                manager.wait_until_finished()
-            if held[0]:
-                print(held[0], end="", file=sys.stderr, flush=True)
-        except Exception as e:  # noqa: BLE001  (orbax wraps the OSError in its own types)
-            _remove_partial(self.out / kind, epoch)
-            os_error = _os_error_in(e)
-            # tensorstore reports a full disk as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
-            disk_full = (os_error is not None and os_error.errno == errno.ENOSPC) or any(
-                marker in str(e) for marker in ("No space left on device", f"os_error_code='{errno.ENOSPC}'"))  # fmt: skip
-            if disk_full:
-                free = shutil.disk_usage(self.out).free
-                raise RunError(f"{target}: disk full while writing the checkpoint of epoch {epoch} "
-                               f"({free:,} bytes free); the earlier checkpoints are intact: free some space "
-                               f"and continue with --resume") from None  # fmt: skip
-            if os_error is not None:
-                raise RunError(f"{target}: cannot write the checkpoint ({os_error.strerror})") from None
-            raise
-        digests = self._digests()
-        digests[f"{kind}/{epoch}"] = state_digest(state)
-        write_atomically(self.digests_path, json.dumps(digests, indent=1, sort_keys=True) + "\n")
-
-    def restore(self, epoch: int, like, kind: str = "checkpoints"):
-        """The state saved as ``kind/epoch``, verified against its digest (RunError if it fails).
-
-        ``like``: a tree of arrays or ``ShapeDtypeStruct``s of the state's structure."""
-        import orbax.checkpoint as ocp
-
-        manager = self.last if kind == "checkpoints" else self.best
-        # A multi-process run restores host arrays (a process-local jax.Array is not a valid
-        # target there); the main process then broadcasts them (jax_mnist.run).
-        target = jax.ShapeDtypeStruct if jax.process_count() == 1 else np.zeros
-        abstract = jax.tree_util.tree_map(lambda x: target(x.shape, x.dtype), like)
-        where = self.out / kind / str(epoch)
-        try:
-            with _quiet_orbax():
-                state = manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
-            raise RunError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-        if not self.digests_path.exists():  # written before jax-mnist kept digests
-            self.warn(f"{where}: not verified (no {self.digests_path.name}: written by an older jax-mnist)")
-            return state
-        expected = self._digests().get(f"{kind}/{epoch}")
-        if expected is None:
-            raise RunError(f"{where}: no digest recorded in {self.digests_path}, so the checkpoint cannot be verified")
-        if state_digest(state) != expected:
-            raise RunError(f"{where}: corrupt checkpoint (its arrays do not match the digest in {self.digests_path})")
-        return state
-
-    def restore_latest_good(self, like, up_to: int | None = None) -> tuple[int, Any] | None:
-        """(epoch, state) of the newest checkpoint that restores and verifies; a bad one is
-        reported in one line, deleted, and the one before it is tried."""
-        for epoch in reversed([e for e in self.epochs() if up_to is None or e <= up_to]):
+    def _resume(self, previous: dict, identity: dict, like) -> None:
+        """Continue from the newest checkpoint that restores and verifies. Those after it are moved
+        to ``quarantine/`` (never deleted); a checkpoint that does not fit the code stops the run
+        with nothing touched; a history the checkpoints cannot back is refused."""
+        rows = read_metrics(self.out / "metrics.jsonl")
+        unusable, found = [], None
+        for epoch in reversed(self.last.epochs()):
             try:
-                return epoch, self.restore(epoch, like)
-            except RunError as e:
-                self.warn(f"{e}; falling back to the checkpoint before it")
-                with _quiet_orbax():
-                    self.last.delete(epoch)
-        return None
+                found = (epoch, *self.last.restore_state(epoch, like, previous))
+                break
+            except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
+                unusable.append((epoch, str(e)))
+        if found is None and rows:
+            raise RunError(f"{self.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "
+                           f"{len(rows)} epochs recorded in metrics.jsonl: nothing was changed; start the run again "
+                           "in another --out")
+        epoch, state, record = found if found is not None else (0, None, None)
+        history = record["history"] if record is not None else [r for r in rows if r["epoch"] <= epoch]
+        if [r["epoch"] for r in history] != list(range(1, epoch + 1)):
+            raise RunError(f"{self.out / 'metrics.jsonl'} records epochs {[r['epoch'] for r in history]} but the "
+                           f"checkpoints reach epoch {epoch}: resuming would lose that history; restore the file, "
+                           "or start the run again in another --out")
+        kept = rows[: len(history)]
+        if record is not None and kept != history[: len(kept)]:
+            differs = next(r["epoch"] for r, h in zip(kept, history) if r != h)
+            raise RunError(f"{self.out / 'metrics.jsonl'}: epoch {differs} differs from what the checkpoint of epoch "
+                           f"{epoch} recorded: nothing was changed; restore the file, or start the run again in "
+                           "another --out")
+        for bad, why in unusable:
+            moved = self.last.move_aside(bad, why)
+            self.log(f"warning: {why}; moved to {moved}; continuing from the checkpoint before it")
+        self.start_epoch, self.state, self.history = epoch, state, list(history)
+        if rows != history:  # a commit whose metrics.jsonl was not rewritten yet, or epochs to run again
+            write_metrics(self.out / "metrics.jsonl", history)
+        if previous.get("recipe") != identity["recipe"]:  # extended to more epochs (check_run_dir allowed it)
+            write_atomically(self.out / "config.json", json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n")
+        best = max(history, key=lambda r: r["test_accuracy"], default=None)
+        if state is not None and best is not None and best["epoch"] == epoch and epoch not in self.best.epochs():
+            self.best.save(epoch, state, self._record(epoch, state))  # stopped between the two saves
 
-    def close(self) -> None:
-        self.last.close()
-        self.best.close()
+    def _record(self, epoch: int, state) -> dict:
+        return {"format": FORMAT, "epoch": epoch, "step": int(np.asarray(state.step)), "history": self.history,
+                "versions": versions()}
+
+    def commit_epoch(self, row: dict, state) -> None:
+        """Record an epoch: its checkpoint with its row (the commit), then the best checkpoint,
+        then ``metrics.jsonl``. A crash at any point leaves a directory ``--resume`` continues."""
+        best = row["test_accuracy"] > self.best_accuracy
+        self.history.append(row)
+        if not self.local:
+            return
+        record = self._record(row["epoch"], state)
+        self.last.save(row["epoch"], state, record)
+        if best:
+            self.best.save(row["epoch"], state, record)
+        write_metrics(self.out / "metrics.jsonl", self.history)
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind ``error`` (orbax re-raises it wrapped), if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _remove_partial(directory: Path, epoch: int) -> None:
-    """A failed save leaves orbax's temporary directory (or a half-written step): remove it."""
-    for path in directory.glob(f"{epoch}*"):
-        if path.name != str(epoch) or not (path / "_CHECKPOINT_METADATA").exists():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- reading a run
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A run directory as data: what ``load_run`` returns."""
-
-    out: Path
-    recipe: Recipe
-    seed: int
-    train_examples: int
-    config: dict
-    history: list[dict]
-    epoch: int  # the epoch whose state this is
-    state: Any  # engine.TrainState
-
-
-def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last") -> Run:
-    """A finished or interrupted run: its recipe, seed, metrics, and the verified train state of
-    ``checkpoint``: "last" (the newest good checkpoint), "best" (best test accuracy) or an epoch."""
-    from jax_mnist.engine import Engine
-
-    out = Path(out_dir)
-    config_path = out / "config.json"
-    if not config_path.exists():
-        raise RunError(f"{out}: not a jax-mnist run directory (no config.json)")
-    config = read_json(config_path)
-    try:
-        recipe = Recipe(**config["recipe"])
-        seed, train_examples = int(config["seed"]), int(config["train_examples"])
-    except (KeyError, TypeError) as e:
-        raise RunError(f"{config_path}: not a run config of this version of jax-mnist ({e})") from None
-    like = jax.eval_shape(Engine.from_recipe(recipe, train_examples).init, jax.random.key(0))
-    checkpoints = Checkpoints(out)
-    try:
-        if checkpoint == "best":
-            epoch = checkpoints.best_epoch()
-            if epoch is None:
-                raise RunError(f"{out / 'best'}: no best checkpoint")
-            state = checkpoints.restore(epoch, like, kind="best")
-        elif checkpoint == "last":
-            found = checkpoints.restore_latest_good(like)
-            if found is None:
-                raise RunError(f"{out / 'checkpoints'}: no checkpoint that restores")
-            epoch, state = found
-        else:
-            epoch = int(checkpoint)
-            if epoch not in checkpoints.epochs():
-                raise RunError(f"{out / 'checkpoints'}: no checkpoint of epoch {epoch}; found {checkpoints.epochs()}")
-            state = checkpoints.restore(epoch, like)
-    finally:
-        checkpoints.close()
-    return Run(out, recipe, seed, train_examples, config, read_metrics(out / "metrics.jsonl"), epoch, state)
+__all__ = [
+    "RunError", "RunRecord", "Run", "RunDir", "load_run", "read_run", "read_history", "check_run_dir", "run_identity",
+    "identity_differences", "locked", "read_metrics", "write_metrics", "versions", "device",
+]

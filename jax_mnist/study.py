@@ -18,7 +18,14 @@ from typing import Callable, Sequence
 from jax_mnist import hosts
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.recipes import RECIPE_NAMES, Recipe, get_recipe, with_overrides
-from jax_mnist.rundir import read_json, read_metrics
+from jax_mnist.rundir import (
+    MNIST_TRAIN_EXAMPLES,
+    RunError,
+    RunRecord,
+    identity_differences,
+    read_run,
+    run_identity,
+)
 
 # The order a study runs in when none is given: the project's recipes first, then the walk from
 # the cheap end (the most expensive, model 1, last): what says most per CPU hour comes first.
@@ -31,28 +38,7 @@ class StudyError(JaxMnistError, ValueError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
-class SeedRun:
-    """One seed of one recipe as recorded on disk."""
-
-    recipe: str
-    seed: int
-    out: Path
-    config: dict
-    history: list[dict]
-
-    @property
-    def epochs(self) -> int:
-        """The epochs the run was configured for."""
-        return int(self.config["recipe"]["epochs"])
-
-    @property
-    def finished(self) -> bool:
-        return len(self.history) >= self.epochs
-
-    @property
-    def test_accuracies(self) -> list[float]:
-        return [row["test_accuracy"] for row in self.history]
+SeedRun = RunRecord  # one seed of one recipe as recorded on disk (the name this module used before)
 
 
 def _seed_of(directory: Path) -> int | None:
@@ -60,22 +46,21 @@ def _seed_of(directory: Path) -> int | None:
     return int(number) if prefix == "seed" and number.isdigit() else None
 
 
-def read_recipe_runs(recipe_dir: Path) -> list[SeedRun]:
-    """The seeds of one recipe directory that have a config, sorted by seed."""
+def read_recipe_runs(recipe_dir: Path) -> list[RunRecord]:
+    """The seeds of one recipe directory that have a config, sorted by seed (read only)."""
     runs = []
     for directory in sorted(recipe_dir.iterdir()):
         seed = _seed_of(directory)
         if seed is None or not (directory / "config.json").exists():
             continue
-        config = read_json(directory / "config.json")
         try:
-            name, config_seed = config["recipe"]["name"], int(config["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise StudyError(f"{directory / 'config.json'}: not a jax-mnist run config") from None
-        if name != recipe_dir.name or config_seed != seed:
-            raise StudyError(f"{directory}: holds recipe {name!r} seed {config_seed}, but its place in the study "
-                             f"says recipe {recipe_dir.name!r} seed {seed}")  # fmt: skip
-        runs.append(SeedRun(name, seed, directory, config, read_metrics(directory / "metrics.jsonl")))
+            run = read_run(directory)
+        except RunError as e:
+            raise StudyError(f"{e}") from None
+        if run.recipe_name != recipe_dir.name or run.seed != seed:
+            raise StudyError(f"{directory}: holds recipe {run.recipe_name!r} seed {run.seed}, but its place in the study "
+                             f"says recipe {recipe_dir.name!r} seed {seed}")
+        runs.append(run)
     return sorted(runs, key=lambda r: r.seed)
 
 
@@ -172,17 +157,44 @@ def study_recipe(name: str, max_epochs: int | None) -> Recipe:
 
 
 def plan(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int],
-         max_epochs: int | None = None) -> list[Todo]:  # fmt: skip
-    """What is not complete yet: for each recipe (in the order given), the seeds with epochs left."""
+         max_epochs: int | None = None, train_examples: int | None = None) -> list[Todo]:
+    """What is not complete yet: for each recipe (in the order given), the seeds with epochs left.
+
+    A seed's directory counts only when it holds this study's run (the same recipe, seed and
+    training examples; a StepLR or constant run with fewer epochs is extended); one holding
+    another run is a StudyError naming what differs, before anything is trained."""
     root = Path(study_dir)
-    todos = []
+    examples = MNIST_TRAIN_EXAMPLES if train_examples is None else train_examples
+    todos, conflicts = [], []
     for name in recipes:
         recipe = study_recipe(name, max_epochs)
         recorded = {r.seed: r for r in read_recipe_runs(root / name)} if (root / name).is_dir() else {}
-        left = {s: recipe.epochs - len(recorded[s].history) if s in recorded else recipe.epochs for s in seeds}
+        left = {}
+        for s in seeds:
+            run = recorded.get(s)
+            if run is None:
+                left[s] = recipe.epochs
+                continue
+            asked = run_identity(recipe, s, examples)
+            differences = identity_differences({k: run.config.get(k) for k in asked}, asked)
+            epochs = differences.pop("recipe.epochs", None)
+            # StepLR and constant runs of other lengths share their first epochs: a longer one holds
+            # a shorter one, a shorter one is extended; a OneCycle schedule depends on its length.
+            shorter_unfinished = epochs is not None and epochs[1] < epochs[0] and len(run.history) < recipe.epochs
+            if differences or (epochs is not None and (recipe.schedule == "onecycle" or shorter_unfinished)):
+                if epochs is not None:
+                    differences["recipe.epochs"] = epochs
+                listed = "; ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items())
+                conflicts.append(f"{run.out} ({listed})")
+                continue
+            left[s] = max(0, recipe.epochs - len(run.history))
         left = {s: n for s, n in left.items() if n > 0}
         if left:
             todos.append(Todo(recipe, left))
+    if conflicts:
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise StudyError(f"{'; '.join(conflicts[:3])}{more}: these directories hold other runs than this study asks "
+                         "for; move them elsewhere, or give the study another --out")
     return todos
 
 
@@ -220,7 +232,7 @@ def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str
 
 def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int], data,
               max_epochs: int | None = None, train_examples: int | None = None,
-              log: Callable[[str], None] = print) -> None:  # fmt: skip
+              log: Callable[[str], None] = print) -> None:
     """Train everything ``plan`` lists, recipe by recipe (its seeds together), resuming what was started."""
     from jax_mnist.run import seed_dirs, train_seeds
 
@@ -229,7 +241,7 @@ def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Seque
         log = lambda message: None  # noqa: E731
     previous = None
     while True:
-        todos, started = _next_round(root, recipes, seeds, max_epochs, log)
+        todos, started = _next_round(root, recipes, seeds, max_epochs, train_examples, log)
         if not todos:
             return
         todo = todos[0]
@@ -242,14 +254,14 @@ def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Seque
 
 
 def _next_round(root: Path, recipes: Sequence[str], seeds: Sequence[int], max_epochs: int | None,
-                log: Callable[[str], None]) -> tuple[list[Todo], bool]:  # fmt: skip
+                train_examples: int | None, log: Callable[[str], None]) -> tuple[list[Todo], bool]:
     """What is left (printed), and whether the first recipe's runs were started: read from the
     study by the main process, the same on every process of a multi-process study."""
 
     from jax_mnist.run import seed_dirs
 
     def read() -> tuple[list[Todo], bool]:
-        todos = plan(root, recipes, seeds, max_epochs)
+        todos = plan(root, recipes, seeds, max_epochs, train_examples)
         log(describe_plan(todos, read_study(root) if root.is_dir() else {}))
         dirs = seed_dirs(root / todos[0].recipe.name, list(todos[0].epochs_left)).values() if todos else ()
         return todos, any(d.is_dir() and any(d.iterdir()) for d in dirs)

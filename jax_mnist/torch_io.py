@@ -13,7 +13,6 @@ from jax_mnist.errors import CheckpointError
 from jax_mnist.zoo import ConvSpec, check_model_name, get_model, init_variables, model_layers, torch_layout
 
 
-
 def _torch_key_map(name: str) -> dict[str, tuple[tuple[str, ...], Callable]]:
     """PyTorch state_dict key -> (Flax variable path, array transform)."""
     layers, layout = model_layers(name), torch_layout(name)
@@ -162,10 +161,6 @@ def write_torch_checkpoint(path, state_dict: Mapping[str, np.ndarray]) -> None:
 
     buffer = io.BytesIO()  # serialised in memory: file errors are then ours to report
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
-    partial = f"{path}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(partial, path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
+    from jax_mnist.files import write_atomically
+
+    write_atomically(path, buffer.getvalue())

@@ -15,12 +15,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jax_mnist.errors import ConfigError
-from jax_mnist.layers import DROPOUT_IMPLS, BatchNorm, Conv, Dropout, GlobalAvgPool, MaxPool, resolve_conv_impl
+from jax_mnist.layers import (
+    DROPOUT_IMPLS,
+    BatchNorm,
+    Conv,
+    Dropout,
+    GlobalAvgPool,
+    MaxPool,
+    resolve_conv_impl,
+)
 
 # --------------------------------------------------------------------------- specs
 

@@ -21,7 +21,7 @@ def numbers(history):
 
 def final_params(out):
     """The train state of ``out``'s last checkpoint, as numpy arrays."""
-    from jax_mnist.run import load_run
+    from jax_mnist.rundir import load_run
 
     return jax.tree_util.tree_map(np.asarray, load_run(out).state)
 

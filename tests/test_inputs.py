@@ -1,6 +1,7 @@
 """Bad input of every kind is one line, a non-zero exit, nothing written, no traceback."""
 
 import gzip
+import json
 import shutil
 
 import numpy as np
@@ -70,7 +71,37 @@ def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys, mnist_dat
     code = main(["train", "--recipe", "final", "--seed", "3", "--out", str(tmp_path / "r"),
                  "--data-dir", str(mnist_data_dir), "--no-download"])  # fmt: skip
     assert code == 130
-    assert f"continue with --seed 3 --resume --out {tmp_path / 'r'}" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"continue with jax-mnist train --recipe final --seed 3 --out {tmp_path / 'r'} --data-dir "
+                        f"{mnist_data_dir} --no-download --resume")
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir, tmp_path):
+    """The printed command, typed as shown, finishes the run."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    argv = ["train", "--recipe", "final", "--epochs", "2", "--train-examples", "1000", "--batch-size", "128",
+            "--out", str(out), "--data-dir", str(mnist_data_dir), "--no-download"]
+    proc = subprocess.Popen([sys.executable, "-m", "jax_mnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch  1/2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jax-mnist train: terminated (SIGTERM); every finished epoch is checkpointed: continue with ")
+    command = shlex.split(last.split("continue with ", 1)[1])
+    assert command[0] == "jax-mnist" and command[-1] == "--resume"
+    done = subprocess.run([sys.executable, "-m", "jax_mnist", *command[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_crc_failure_says_corrupt_gzip_data(tmp_path):
@@ -96,10 +127,12 @@ def test_an_unwritable_cache_is_a_note_not_a_failure(monkeypatch, mnist_data_dir
     shutil.copytree(mnist_data_dir, data_dir)
     (dataset_dir(data_dir) / data_lib.CACHE_NAME).unlink()
 
-    def read_only(path, mnist):
+    def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(data_lib, "write_cache", read_only)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # the cache's temporary file cannot be made
     logged = []
     mnist = load_mnist(data_dir, download=False, log=logged.append)
     assert mnist.train_images.shape == (60_000, 28, 28, 1)

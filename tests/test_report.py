@@ -156,3 +156,38 @@ def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path, monk
 def test_linked_figures_exist():
     links = re.findall(r"\]\(([^)]+\.png)\)", report.pasted_section((REPO / "README.md").read_text()))
     assert links and all((REPO / link).exists() for link in links)
+
+
+def test_seeds_of_another_run_are_left_out_and_said(tmp_path):
+    """One row is one experiment: a seed trained with another recipe is never averaged in."""
+    for seed in (1, 2, 3):
+        write_fake_run(tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+    config_path = tmp_path / "final" / "seed-3" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["recipe"]["lr"] = 0.2
+    config_path.write_text(json.dumps(config))
+    rows = (tmp_path / "final" / "seed-3" / "metrics.jsonl").read_text().replace('"test_accuracy": 99.5', '"test_accuracy": 11.0')
+    (tmp_path / "final" / "seed-3" / "metrics.jsonl").write_text(rows)
+    row = table_row(report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1"), "final")
+    assert row[5] == "1-2 (left out: seed 3: another run: lr 0.2 (the row: 0.1))"
+    assert row[6] == "99.50 ± 0.00 (99.50)"
+
+
+def test_the_number_of_training_examples_is_shown_when_not_all(tmp_path):
+    for seed in (1, 2):
+        write_fake_run(tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+        path = tmp_path / "final" / f"seed-{seed}" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_examples": 1024}))
+    row = table_row(report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1"), "final")
+    assert row[4] == "5 (of 15, shortened), on 1,024 training examples"
+
+
+def test_a_missing_study_or_a_nan_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "missing: no such study directory" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+    write_fake_run(tmp_path / "final" / "seed-1", "final", 1, [98.0, 99.0, 99.4, 99.5, float("nan")], 30.0)
+    write_fake_run(tmp_path / "final" / "seed-2", "final", 2, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+    assert main(["report", str(tmp_path)]) == 0
+    row = table_row((tmp_path / "report.md").read_text(), "final")
+    assert "left out: seed 1: train_accuracy is not finite at epoch 5" in row[5] and row[6] == "99.50 (one seed)"

@@ -70,3 +70,30 @@ def test_study_bad_arguments(args, message, tmp_path, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_runs_of_another_identity_are_not_counted_as_this_studys(tmp_path, capsys):
+    """Seeds made on 1,024 examples are another experiment than a full-data study's."""
+    from jax_mnist.study import StudyError
+
+    write_fake_run(tmp_path / "final" / "seed-1", "final", 1, [99.0] * EPOCHS, 30.0)
+    config_path = tmp_path / "final" / "seed-1" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "train_examples": 1024}))
+    with pytest.raises(StudyError, match=r"final/seed-1 \(train_examples: 1024 there, 60000 asked\)"):
+        plan(tmp_path, ["final"], [1, 2], max_epochs=EPOCHS)
+    assert plan(tmp_path, ["final"], [1, 2], max_epochs=EPOCHS, train_examples=1024)[0].epochs_left == {2: EPOCHS}
+    code = main(["study", "--out", str(tmp_path), "--recipes", "final", "--seeds", "1-2", "--max-epochs", str(EPOCHS),
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "hold other runs than this study asks for" in err
+
+
+def test_a_longer_step_lr_run_holds_a_shortened_one_a_onecycle_run_does_not(tmp_path):
+    from jax_mnist.study import StudyError
+
+    write_fake_run(tmp_path / "final" / "seed-1", "final", 1, [99.0] * EPOCHS, 30.0)
+    assert plan(tmp_path, ["final"], [1], max_epochs=3) == []
+    write_fake_run(tmp_path / "final_onecycle" / "seed-1", "final_onecycle", 1, [99.0] * EPOCHS, 30.0)
+    with pytest.raises(StudyError, match=r"recipe.epochs: 5 there, 3 asked"):
+        plan(tmp_path, ["final_onecycle"], [1], max_epochs=3)

@@ -9,7 +9,8 @@ import pytest
 
 from jax_mnist.engine import Engine, compiler_options
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.run import NonFiniteLoss, RunError, read_metrics, train
+from jax_mnist.run import NonFiniteLoss, RunError, train
+from jax_mnist.rundir import read_metrics
 
 from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, kill_then_resume, numbers, small_recipe
 
@@ -105,7 +106,7 @@ def test_epoch_uses_every_example_once_with_a_short_last_batch(mnist):
 
 def test_non_finite_loss_stops_the_run(mnist, tmp_path):
     recipe = with_overrides(get_recipe("model_3_lighter_model"), {"epochs": 2, "batch_size": 100, "lr": 1e8})
-    with pytest.raises(NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped"):
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped. No checkpoint was written yet"):
         train(recipe, mnist, tmp_path / "nan", train_examples=500, log=lambda s: None)
     assert read_metrics(tmp_path / "nan" / "metrics.jsonl") == []  # nothing recorded for the bad epoch
 

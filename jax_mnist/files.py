@@ -1,0 +1,83 @@
+"""Files written whole or not at all, and outputs that never land on a run's own files.
+
+``write_atomically`` is the one way this package writes a file: the bytes go to a temporary file
+beside the target, which is renamed onto it; any failure (a full disk, Ctrl-C) removes the
+temporary file and is reported as a ``WriteError`` that names the target. ``output_path`` checks,
+before any work, that a command's output is not one of a run directory's own files and does not
+replace an existing file unless asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Union
+
+from jax_mnist.errors import JaxMnistError
+
+Content = Union[str, bytes, Callable[[IO[bytes]], None]]
+
+# What a run directory holds (jax_mnist.rundir): no command's output may replace these.
+RUN_FILES = ("config.json", "metrics.jsonl", "digests.json", ".lock")
+RUN_FOLDERS = ("checkpoints", "best", "quarantine")
+
+
+class WriteError(JaxMnistError):
+    """A file that could not be written; the message names the file and why."""
+
+
+def write_atomically(path: str | os.PathLike, content: Content) -> Path:
+    """Write ``content`` (text, bytes, or a function that writes to a binary file) to ``path``.
+
+    Readers see the old file or the whole new one, never a part; on failure nothing is left.
+    The directory must exist (a missing one is reported like any other failure)."""
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run_directory_of(path: Path) -> Path | None:
+    """The run directory that ``path`` would land in as one of its own files, if any."""
+    path = Path(os.path.abspath(path))
+    for parent in [path.parent, *path.parents]:
+        if (parent / "config.json").is_file():
+            inside = path.relative_to(parent).parts
+            if inside and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
+                return parent
+            return None
+    return None
+
+
+def output_path(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
+    """``path`` as a command's output file, checked before the work is done: never a file of a run
+    directory (its config, metrics, lock or checkpoints), and an existing file only with ``force``."""
+    path = Path(path)
+    run = run_directory_of(path)
+    if run is not None:
+        raise WriteError(f"{path}: is a file of the run directory {run}; refusing to write the {what} there: "
+                         "choose another path")
+    if path.is_dir():
+        raise WriteError(f"{path}: is a directory; name a file for the {what}")
+    if path.exists() and not force:
+        raise WriteError(f"{path}: exists; pass --force to replace it, or choose another path")
+    return path
