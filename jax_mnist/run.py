@@ -183,8 +183,7 @@ def _open_runs(stack: contextlib.ExitStack, engine: Engine, recipe: Recipe, run_
                 for seed, (out, identity) in plans.items()}
     # The state's structure, to restore checkpoints into: traced only when something is resumed.
     like = jax.eval_shape(engine.init, jax.random.key(0)) if any(p is not None for p in previous.values()) else None
-    warn = lambda message: log(message if message.startswith("warning:") else f"warning: {message}")  # noqa: E731
-    return [stack.enter_context(RunDir.open(seed, out, identity, previous[seed], like, warn))
+    return [stack.enter_context(RunDir.open(seed, out, identity, previous[seed], like, log))
             for seed, (out, identity) in plans.items()]
 
 
