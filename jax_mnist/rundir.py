@@ -322,7 +322,7 @@ def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last",
         finally:
             store.close()
     state = TrainState(step=np.int32(step), params=weights["params"], batch_stats=weights["batch_stats"], opt_state=None)
-    return Run(record.out, record.config, read_history(record.out), epoch=epoch, state=state)
+    return Run(record.out, record.config, record.history, epoch=epoch, state=state)
 
 
 def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, dict, int]:
