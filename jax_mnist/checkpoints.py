@@ -71,7 +71,6 @@ def versions() -> dict[str, str]:
     }
 
 
-
 # --------------------------------------------------------------------------- trees and digests
 
 
@@ -82,31 +81,34 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def _path_name(path) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
 def flat_arrays(tree) -> dict[str, Any]:
     """``'a/b/0/c' -> leaf``: the same keys for a typed tree (TrainState, optax's named tuples) and
     for what orbax restores of it without a target (dicts and lists)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sha256(named_leaves) -> str:
+    """sha256 over (name, array) pairs: each name, dtype and shape, then the bytes, in the order given."""
+    digest = hashlib.sha256()
+    for name, leaf in named_leaves:
+        array = np.asarray(leaf)
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def tree_digest(tree) -> str:
     """sha256 over every array of ``tree`` (path, dtype, shape and bytes), in path order."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(flat_arrays(tree).items()):
-        array = np.asarray(leaf)
-        digest.update(f"{path}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+    return _sha256(sorted(flat_arrays(tree).items()))
 
 
 def state_digest(state) -> str:
     """The digest of checkpoint format 1 (``digests.json``): over the typed state in tree order."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+    return _sha256((jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0])
 
 
 def tree_differences(like, found) -> list[str]:
@@ -136,7 +138,7 @@ def fit(like, found):
     if differences:
         raise ValueError("; ".join(differences))
     arrays = flat_arrays(found)
-    return jax.tree_util.tree_map_with_path(lambda p, _: arrays["/".join(_key_name(k) for k in p)], like)
+    return jax.tree_util.tree_map_with_path(lambda p, _: arrays[_path_name(p)], like)
 
 
 # --------------------------------------------------------------------------- checkpoints

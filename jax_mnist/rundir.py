@@ -3,7 +3,7 @@
 Layout (one seed):
 - ``config.json``: the run's identity (resolved recipe, seed, training-set size) plus the
   versions that wrote it (jax-mnist's among them) and the device;
-- ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs, each with four items:
+- ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs, each with three items:
   ``weights`` (params, batch_stats), ``rest`` (step, optimizer state) and ``record`` (JSON: the
   history of every epoch up to this one, the sha256 of the two array items, the versions);
   orbax writes a step into a temporary directory and renames it when it is complete, so that
