@@ -1,19 +1,23 @@
-"""Step-time benchmark of the training engine, optionally beside PyTorch in the same process.
+"""Step-time benchmark of the programs training runs, optionally beside PyTorch in the same process.
 
-Figures (all measured here, none typed in):
-- cold compile: lowering and compiling the train step of a new engine, empty persistent cache;
-- warm compile: the same for another new engine, served by the persistent cache;
-- train step: median and spread over ``steps`` steps after ``warmup``, blocking on the result
-  before reading the clock;
-- eval throughput over the 10,000-image test set size;
-- one full epoch (60,000 images) through ``Engine.train_epoch``;
+Every JAX figure is of ``engine.Programs``, the programs ``jax_mnist.run`` executes (all
+measured here, none typed in):
+- cold compile: lowering and compiling the epoch-chunk program in a new process, empty
+  persistent cache; warm compile: the same served by the persistent cache;
+- time per step of the epoch-chunk program, one seed: called for one step at a time
+  (``train_step``) and for a tenth of an epoch a call, as training calls it (``train_chunk``,
+  which gives ``jax_images_per_s``); spread over calls, blocking on the result before reading
+  the clock;
+- eval throughput of the evaluation program over 10,000 images;
+- one full epoch (60,000 images) through ``run.train_epoch``;
 - with ``compare_torch``: the same architecture's training step in PyTorch eager (same batch,
   same thread count), and the ratio ``speedup`` = JAX images/s / PyTorch images/s;
 - minor page faults per timed step of each, and whether ``jax_mnist.host_memory`` kept freed
   host memory in this process (it applies to PyTorch's allocations here as well);
-- with ``seeds=K``: one epoch of K seeds trained together (one vmapped program) vs the K seeds
+- with ``seeds=K``: one epoch of K seeds trained together (one program) vs the K seeds
   one after another, and XLA's memory account of each epoch program (on GPU/TPU also the
-  device's peak bytes).
+  device's peak bytes);
+- ``bench_all``: every registered recipe's step, JAX (epoch-chunk program) and PyTorch.
 
 Data are random uint8 images of MNIST's shape: the timings do not depend on pixel values.
 """
@@ -27,14 +31,13 @@ import platform
 import statistics
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist import host_memory
-from jax_mnist.engine import Engine
 from jax_mnist.files import write_atomically
 from jax_mnist.recipes import get_recipe, with_overrides
 
@@ -102,34 +105,56 @@ def _threads() -> int:
 
 _COMPILE_SNIPPET = """
 import json, sys, time
-import jax, jax.numpy as jnp
 from jax_mnist.recipes import Recipe
-from jax_mnist.engine import Engine
-recipe = Recipe(**json.loads(sys.argv[1]))
-engine = Engine.from_recipe(recipe, 60_000)
-state = engine.init(jax.random.key(0))
-images = jnp.zeros((recipe.batch_size, 28, 28, 1), jnp.uint8)
-labels = jnp.zeros((recipe.batch_size,), jnp.int32)
+from jax_mnist.bench import compile_chunk
 start = time.perf_counter()
-engine.train_step.lower(state, images, labels, jax.random.key(0)).compile()
+compile_chunk(Recipe(**json.loads(sys.argv[1])))
 print(json.dumps(time.perf_counter() - start))
 """
 
 
+def _programs(recipe, num_examples: int = 60_000, seeds: int = 1):
+    from jax_mnist.engine import ProgramConfig, programs_for
+
+    return programs_for(ProgramConfig(recipe, num_examples, seeds))
+
+
+def _chunk_args(programs, seeds: list[int], train_set):
+    """Arguments of ``programs.train_chunk`` before ``first``/``last``: fresh states, data, orders, keys."""
+    states, keys = programs.init_seeds(seeds)
+    orders = programs.shuffle(keys.shuffle, jnp.asarray(0, jnp.int32))
+    return states, *train_set, orders, keys.step
+
+
+def compile_chunk(recipe, num_examples: int = 60_000):
+    """Lower and compile ``recipe``'s epoch-chunk program (what training runs) for one seed."""
+    programs = _programs(recipe, num_examples)
+    train_set = programs.place_data(_random_set(np.random.default_rng(0), num_examples))
+    index = jnp.asarray(0, jnp.int32)
+    return programs.train_chunk.lower(*_chunk_args(programs, [0], train_set), index, index).compile()
+
+
 def _compile_in_subprocess(recipe, cache_dir: str) -> float:
-    """Seconds to lower and compile the train step in a fresh process using ``cache_dir``."""
+    """Seconds to lower and compile the epoch-chunk program in a fresh process using ``cache_dir``."""
     import dataclasses
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET, json.dumps(dataclasses.asdict(recipe))],
-                         env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    env = dict(
+        os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SNIPPET, json.dumps(dataclasses.asdict(recipe))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def compile_seconds(recipe) -> tuple[float, float]:
-    """(cold, warm) seconds to lower and compile ``recipe``'s train step in new processes.
+    """(cold, warm) seconds to lower and compile ``recipe``'s epoch-chunk program in new processes.
 
     Cold: against an empty persistent cache; warm: against the cache the first filled.
     """
@@ -137,44 +162,68 @@ def compile_seconds(recipe) -> tuple[float, float]:
         return _compile_in_subprocess(recipe, cache_dir), _compile_in_subprocess(recipe, cache_dir)
 
 
-def bench_jax(recipe_name: str, batch_size: int, steps: int, warmup: int, epoch: bool, overrides=None) -> dict:
+def time_chunk_steps(programs, train_set, steps_per_call: int, calls: int, warmup: int = 1) -> dict:
+    """Seconds per optimizer step of the epoch-chunk program run as training runs it (one seed),
+    ``steps_per_call`` steps a call: the spread over ``calls`` calls, each divided by its steps."""
+    args = list(_chunk_args(programs, [0], train_set))
+    full = train_set[1].shape[0] // programs.batch_size
+    first = iter(range(0, 10**9, steps_per_call))
+
+    def call():
+        start = next(first) % max(full - steps_per_call + 1, 1)
+        bounds = jnp.asarray(start, jnp.int32), jnp.asarray(start + steps_per_call, jnp.int32)
+        args[0], sums = programs.train_chunk(*args, *bounds)
+        jax.block_until_ready((args[0], sums))
+
+    for _ in range(warmup):
+        call()
+    spread = _timed_steps(call, calls)
+    per_step = {k: v / steps_per_call for k, v in spread.items() if k.endswith("_s")}
+    return {
+        **spread,
+        **per_step,
+        "steps_per_call": steps_per_call,
+        "page_faults_per_step": spread["page_faults_per_step"] / steps_per_call,
+    }
+
+
+def bench_jax(
+    recipe_name: str, batch_size: int, steps: int, warmup: int, epoch: bool, overrides=None
+) -> dict:
+    """The programs training runs, for one seed: compile of the epoch-chunk program, its time per
+    step (one step a call, and a tenth of an epoch a call, as training calls it), the evaluation
+    program's throughput and, with ``epoch``, a whole epoch through ``run.train_epoch``."""
+    from jax_mnist.run import evaluate_seeds, train_epoch
+
     recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32))
-    key = jax.random.key(0)
-    result: dict = {"recipe": recipe.name, "model": recipe.model, "batch_size": batch_size}
-
+    result: dict = {
+        "recipe": recipe.name,
+        "model": recipe.model,
+        "batch_size": batch_size,
+        "program": "engine.Programs.train_chunk (the epoch-chunk program training runs)",
+    }
     result["cold_compile_s"], result["warm_compile_s"] = compile_seconds(recipe)
-    engine = Engine.from_recipe(recipe, 60_000)
-    state = engine.init(key)
+    programs = _programs(recipe)
+    train_set = programs.place_data(_random_set(rng, 60_000))
+    result["train_step"] = time_chunk_steps(programs, train_set, 1, steps, warmup)
+    chunk = programs.chunks(60_000)[0][1]
+    result["train_chunk"] = time_chunk_steps(programs, train_set, chunk, max(3, steps // chunk), 1)
+    result["jax_images_per_s"] = batch_size / result["train_chunk"]["median_s"]
 
-    for i in range(warmup):
-        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, i))
-    jax.block_until_ready(state)
-    step_index = iter(range(steps))
-
-    def step():
-        nonlocal state
-        state, _ = engine.train_step(state, images, labels, jax.random.fold_in(key, next(step_index)))
-        jax.block_until_ready(state)
-
-    result["train_step"] = _timed_steps(step, steps)
-    result["jax_images_per_s"] = batch_size / result["train_step"]["median_s"]
-
-    test_images = jnp.asarray(rng.integers(0, 256, (10_000, 28, 28, 1), dtype=np.uint8))
-    test_labels = jnp.asarray(rng.integers(0, 10, (10_000,), dtype=np.int32))
-    engine.evaluate(state, test_images, test_labels)  # compile
-    eval_seconds = statistics.median(_timed(lambda: engine._evaluate_jit(state.params, state.batch_stats,
-                                                                        test_images, test_labels)) for _ in range(3))  # fmt: skip
+    test_set = programs.place_data(_random_set(rng, 10_000))
+    states, _ = programs.init_seeds([0])
+    evaluate_seeds(programs, states, test_set)  # compile
+    eval_seconds = statistics.median(
+        _timed(lambda: programs.evaluate(states.params, states.batch_stats, *test_set)) for _ in range(3)
+    )
     result["eval_images_per_s"] = 10_000 / eval_seconds
 
     if epoch:
-        train_set = engine.put_shared(_random_set(rng, 60_000))
         # train_epoch donates its states: each call gets fresh ones.
-        first, second = _fresh(engine, [0], train_set), _fresh(engine, [0], train_set)
-        result["epoch_compile_s"] = _timed(lambda: engine.train_epoch(*first, 0)[1])
-        result["epoch_s"] = _timed(lambda: engine.train_epoch(*second, 1)[1])
+        first, second = programs.init_seeds([0]), programs.init_seeds([0])
+        result["epoch_compile_s"] = _timed(lambda: train_epoch(programs, first[0], train_set, first[1], 0)[1])
+        result["epoch_s"] = _timed(lambda: train_epoch(programs, second[0], train_set, second[1], 1)[1])
     return result
 
 
@@ -182,22 +231,16 @@ def _random_set(rng, n: int):
     return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, (n,), dtype=np.int32))
 
 
-def _fresh(engine, seeds, train_set):
-    """Arguments of ``engine.train_epoch`` before the epoch index: new states of ``seeds``, the data, keys."""
-    states, keys = engine.init_seeds(seeds)
-    return (states, *train_set, keys)
-
-
-def _program_bytes(engine, seeds, train_set) -> dict[str, int]:
+def _program_bytes(programs, seeds, train_set) -> dict[str, int]:
     """XLA's own account of the epoch-chunk program's memory for ``seeds`` stacked seeds."""
-    states, keys = engine.init_seeds(seeds)
-    orders = jnp.zeros((len(seeds), train_set[1].shape[0]), jnp.int32)
     index = jnp.asarray(0, jnp.int32)
-    compiled = engine._programs["steps"].lower(states, *train_set, orders, keys.step, index, index).compile()
+    compiled = programs.train_chunk.lower(*_chunk_args(programs, seeds, train_set), index, index).compile()
     analysis = compiled.memory_analysis()
     if analysis is None:
         return {}
-    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp")}
+    sizes = {
+        name: int(getattr(analysis, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp")
+    }
     return {**sizes, "total": sum(sizes.values())}
 
 
@@ -206,34 +249,32 @@ def _device_peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def bench_seeds(recipe_name: str, seeds: int, batch_size: int, num_examples: int = 60_000, overrides=None) -> dict:
-    """One epoch of ``seeds`` seeds trained together (one vmapped program) against the same seeds
+def bench_seeds(
+    recipe_name: str, seeds: int, batch_size: int, num_examples: int = 60_000, overrides=None
+) -> dict:
+    """One epoch of ``seeds`` seeds trained together (one program) against the same seeds
     trained one after another, each way warmed up first (compiled), plus each program's memory."""
+    from jax_mnist.run import train_epoch
+
     recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
-    engine = Engine.from_recipe(recipe, num_examples)
-    train_set = engine.put_shared(_random_set(np.random.default_rng(0), num_examples))
     together, alone = list(range(1, seeds + 1)), [[s] for s in range(1, seeds + 1)]
+    programs_together, programs_alone = (
+        _programs(recipe, num_examples, seeds),
+        _programs(recipe, num_examples, 1),
+    )
+    train_set = programs_alone.place_data(_random_set(np.random.default_rng(0), num_examples))
 
-    def warm_up(seed_list):
-        states, keys = engine.init_seeds(seed_list)
-        orders = engine._programs["shuffle"](keys.shuffle, jnp.asarray(0, jnp.int32), num_examples)
-        index = jnp.asarray(0, jnp.int32)
-        states, _ = engine._programs["steps"](states, *train_set, orders, keys.step, index, index + 1)
-        if num_examples % batch_size:
-            states, _ = engine._programs["last"](states, *train_set, orders, keys.step)
-        jax.block_until_ready(states)
+    def epoch_seconds(programs, seed_list) -> float:
+        states, keys = programs.init_seeds(seed_list)
+        return _timed(lambda: train_epoch(programs, states, train_set, keys, 1)[1])
 
-    warm_up(together)
-    warm_up(alone[0])
-    def epoch_seconds(seed_list) -> float:
-        args = _fresh(engine, seed_list, train_set)
-        return _timed(lambda: engine.train_epoch(*args, 1)[1])
-
-    together_s = epoch_seconds(together)
-    sequential_s = [epoch_seconds(seed_list) for seed_list in alone]
+    epoch_seconds(programs_together, together)  # compile
+    epoch_seconds(programs_alone, alone[0])
+    together_s = epoch_seconds(programs_together, together)
+    sequential_s = [epoch_seconds(programs_alone, seed_list) for seed_list in alone]
     return {
         "seeds": seeds,
-        "seed_axis": engine.seed_axis,
+        "seed_axis": programs_together.seed_strategy,
         "examples_per_epoch": num_examples,
         "together_epoch_s": together_s,
         "sequential_epoch_s": sum(sequential_s),
@@ -241,8 +282,8 @@ def bench_seeds(recipe_name: str, seeds: int, batch_size: int, num_examples: int
         "together_speedup": sum(sequential_s) / together_s,
         "together_images_per_s": seeds * num_examples / together_s,
         "sequential_images_per_s": seeds * num_examples / sum(sequential_s),
-        "program_bytes_together": _program_bytes(engine, together, train_set),
-        "program_bytes_one_seed": _program_bytes(engine, alone[0], train_set),
+        "program_bytes_together": _program_bytes(programs_together, together, train_set),
+        "program_bytes_one_seed": _program_bytes(programs_alone, alone[0], train_set),
         "device_peak_bytes": _device_peak_bytes(),
     }
 
@@ -268,23 +309,47 @@ def bench_torch(model_name: str, batch_size: int, steps: int, warmup: int, lr: f
     for _ in range(warmup):
         step()
     spread = _timed_steps(step, steps)
-    return {"train_step": spread, "torch_images_per_s": batch_size / spread["median_s"],
-            "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "train_step": spread,
+        "torch_images_per_s": batch_size / spread["median_s"],
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
-def run_benchmark(recipe: str = "final", batch_size: int = 256, steps: int = 30, warmup: int = 5,
-                  compare_torch: bool = False, epoch: bool = True, overrides=None, seeds: int = 0,
-                  seeds_examples: int = 60_000) -> dict:  # fmt: skip
+def run_benchmark(
+    recipe: str = "final",
+    batch_size: int = 256,
+    steps: int = 30,
+    warmup: int = 5,
+    compare_torch: bool = False,
+    epoch: bool = True,
+    overrides=None,
+    seeds: int = 0,
+    seeds_examples: int = 60_000,
+) -> dict:
     import flax
     import optax
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads_used": _threads()},  # fmt: skip
-        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},  # fmt: skip
-        "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
-                   "count": jax.device_count()},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads_used": _threads(),
+        },
+        "versions": {
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "device": {
+            "platform": jax.devices()[0].platform,
+            "kind": jax.devices()[0].device_kind,
+            "count": jax.device_count(),
+        },
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory_kept": host_memory.applied(),
     }
@@ -304,30 +369,90 @@ def format_result(result: dict) -> str:
     kept = "kept" if result["host_memory_kept"] else "not kept (allocator default)"
     lines = [
         f"{j['recipe']} ({j['model']}), batch {j['batch_size']}, device {result['device']['kind']} "
-        f"x{result['device']['count']}, {result['machine']['threads_used']} threads, freed host memory {kept}",
+        f"x{result['device']['count']}, {result['machine']['threads_used']} threads, freed host memory "
+        f"{kept}",
         f"  compile: cold {j['cold_compile_s']:.2f} s, warm (persistent cache) {j['warm_compile_s']:.2f} s",
-        f"  JAX train step: median {j['train_step']['median_s'] * 1e3:.1f} ms "
-        f"(p10 {j['train_step']['p10_s'] * 1e3:.1f}, p90 {j['train_step']['p90_s'] * 1e3:.1f}) "
-        f"= {result['jax_images_per_s']:.0f} images/s, {j['train_step']['page_faults_per_step']:.0f} page faults/step",
+        f"  JAX epoch-chunk program, {j['train_chunk']['steps_per_call']} steps a call (as training runs "
+        "it): "
+        f"median {j['train_chunk']['median_s'] * 1e3:.1f} ms/step "
+        f"(p10 {j['train_chunk']['p10_s'] * 1e3:.1f}, p90 {j['train_chunk']['p90_s'] * 1e3:.1f}) "
+        f"= {result['jax_images_per_s']:.0f} images/s, {j['train_chunk']['page_faults_per_step']:.0f} "
+        "page faults/step",
+        f"  the same program, 1 step a call: median {j['train_step']['median_s'] * 1e3:.1f} ms "
+        f"(p10 {j['train_step']['p10_s'] * 1e3:.1f}, p90 {j['train_step']['p90_s'] * 1e3:.1f})",
         f"  eval: {j['eval_images_per_s']:.0f} images/s",
     ]
     if "epoch_s" in j:
-        lines.append(f"  one epoch (60,000 images, compiled scan): {j['epoch_s']:.1f} s "
-                     f"(first call incl. compile {j['epoch_compile_s']:.1f} s)")  # fmt: skip
+        lines.append(
+            f"  one epoch (60,000 images, run.train_epoch): {j['epoch_s']:.1f} s "
+            f"(first call incl. compile {j['epoch_compile_s']:.1f} s)"
+        )
     if "torch" in result:
         t = result["torch"]["train_step"]
-        lines.append(f"  PyTorch {result['torch']['torch_version']} eager train step: median {t['median_s'] * 1e3:.1f} ms "
-                     f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = {result['torch_images_per_s']:.0f} images/s, "
-                     f"{t['page_faults_per_step']:.0f} page faults/step")  # fmt: skip
+        lines.append(
+            f"  PyTorch {result['torch']['torch_version']} eager train step: median "
+            f"{t['median_s'] * 1e3:.1f} ms "
+            f"(p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f}) = "
+            f"{result['torch_images_per_s']:.0f} images/s, "
+            f"{t['page_faults_per_step']:.0f} page faults/step"
+        )
         lines.append(f"  speedup JAX / PyTorch: {result['speedup']:.2f}x")
     if "multi_seed" in result:
         m = result["multi_seed"]
         mib = lambda b: f"{b.get('total', 0) / 2**20:.0f} MiB" if b else "n/a"
-        lines.append(f"  {m['seeds']} seeds, one epoch of {m['examples_per_epoch']:,} images each: together ({m['seed_axis']}) "
-                     f"{m['together_epoch_s']:.1f} s, one after another {m['sequential_epoch_s']:.1f} s "
-                     f"= {m['together_speedup']:.2f}x; epoch-program memory {mib(m['program_bytes_together'])} "
-                     f"vs {mib(m['program_bytes_one_seed'])} for one seed")  # fmt: skip
+        lines.append(
+            f"  {m['seeds']} seeds, one epoch of {m['examples_per_epoch']:,} images each: together "
+            f"({m['seed_axis']}) "
+            f"{m['together_epoch_s']:.1f} s, one after another {m['sequential_epoch_s']:.1f} s "
+            f"= {m['together_speedup']:.2f}x; epoch-program memory {mib(m['program_bytes_together'])} "
+            f"vs {mib(m['program_bytes_one_seed'])} for one seed"
+        )
     return "\n".join(lines)
+
+
+def bench_all(steps: int = 10, compare_torch: bool = True, log=print) -> list[dict]:
+    """Every registered recipe at its own batch size: time per step of the epoch-chunk program
+    (a tenth of an epoch a call) and, with ``compare_torch``, PyTorch eager's step beside it."""
+    from jax_mnist.recipes import RECIPES
+
+    rows = []
+    for name, recipe in RECIPES.items():
+        programs = _programs(recipe)
+        train_set = programs.place_data(_random_set(np.random.default_rng(0), 60_000))
+        chunk = programs.chunks(60_000)[0][1]
+        jax_step = time_chunk_steps(programs, train_set, chunk, max(3, steps // chunk + 1), 1)
+        row = {
+            "recipe": name,
+            "model": recipe.model,
+            "batch_size": recipe.batch_size,
+            "jax_step_s": jax_step["median_s"],
+            "jax_step_p10_s": jax_step["p10_s"],
+            "jax_step_p90_s": jax_step["p90_s"],
+        }
+        if compare_torch:
+            torch_step = bench_torch(recipe.model, recipe.batch_size, steps, 2)["train_step"]
+            row.update(
+                torch_step_s=torch_step["median_s"], speedup=torch_step["median_s"] / jax_step["median_s"]
+            )
+        rows.append(row)
+        log(format_all_row(row))
+    return rows
+
+
+def format_all_row(row: dict) -> str:
+    text = f"| `{row['recipe']}` | {row['model']} | {row['batch_size']} | {row['jax_step_s'] * 1e3:.1f} |"
+    if "torch_step_s" in row:
+        text += f" {row['torch_step_s'] * 1e3:.1f} | {row['speedup']:.2f}x |"
+    return text
+
+
+def all_header(compare_torch: bool) -> str:
+    if compare_torch:
+        return (
+            "| recipe | model | batch | JAX ms/step | PyTorch ms/step | JAX speedup |\n"
+            "|---|---|---:|---:|---:|---:|"
+        )
+    return "| recipe | model | batch | JAX ms/step |\n|---|---|---:|---:|"
 
 
 def write_json(result: dict, path) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_mnist import hosts
 from jax_mnist.errors import CheckpointError
 from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.recipes import Recipe
@@ -108,7 +109,9 @@ def tree_digest(tree) -> str:
 
 def state_digest(state) -> str:
     """The digest of checkpoint format 1 (``digests.json``): over the typed state in tree order."""
-    return _sha256((jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0])
+    return _sha256(
+        (jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+    )
 
 
 def tree_differences(like, found) -> list[str]:
@@ -186,7 +189,9 @@ def committed_epochs(directory: Path) -> list[int]:
     """The epochs whose checkpoint orbax finished (renamed into place) in ``directory``."""
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    return sorted(
+        int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -223,10 +228,10 @@ class CheckpointStore:
             options: dict[str, Any] = {"enable_async_checkpointing": False}
             if self.writable:
                 options.update(max_to_keep=self.keep, cleanup_tmp_directories=True)
-                if jax.process_count() > 1:
+                if hosts.count() > 1:
                     # Only the process that holds the run directory (the main one, jax_mnist.hosts)
                     # writes it, so orbax must not wait for the others at its barriers.
-                    me = jax.process_index()
+                    me = hosts.index()
                     options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
                         primary_host=me, active_processes={me}
                     )
@@ -236,11 +241,16 @@ class CheckpointStore:
                 options.update(read_only=True, create=False)
             handlers = None
             if fmt == FORMAT:
-                handlers = {"weights": ocp.StandardCheckpointHandler(), "rest": ocp.StandardCheckpointHandler(),
-                            "record": ocp.JsonCheckpointHandler()}
+                handlers = {
+                    "weights": ocp.StandardCheckpointHandler(),
+                    "rest": ocp.StandardCheckpointHandler(),
+                    "record": ocp.JsonCheckpointHandler(),
+                }
             with _quiet_orbax():
                 self._managers[fmt] = ocp.CheckpointManager(
-                    self.directory.absolute(), options=ocp.CheckpointManagerOptions(**options), item_handlers=handlers
+                    self.directory.absolute(),
+                    options=ocp.CheckpointManagerOptions(**options),
+                    item_handlers=handlers,
                 )
         return self._managers[fmt]
 
@@ -258,7 +268,9 @@ class CheckpointStore:
             return None
         try:
             with _quiet_orbax():
-                restored = self.manager().restore(epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+                restored = self.manager().restore(
+                    epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+                )
             return dict(restored["record"])
         except Exception:  # noqa: BLE001  (orbax raises many types; the caller says what is missing)
             return None
@@ -274,7 +286,7 @@ class CheckpointStore:
                 return ocp.args.StandardRestore()
             # A multi-process run restores host arrays (a process-local jax.Array is not a valid
             # target there); the main process then broadcasts them (jax_mnist.run).
-            make = jax.ShapeDtypeStruct if jax.process_count() == 1 else np.zeros
+            make = jax.ShapeDtypeStruct if hosts.count() == 1 else np.zeros
             return ocp.args.StandardRestore(jax.tree_util.tree_map(lambda x: make(x.shape, x.dtype), like))
 
         where = self.directory / str(epoch)
@@ -313,7 +325,9 @@ class CheckpointStore:
         if self.format(epoch) == 1:
             raw = self._restore(epoch, {"default": None})["default"]
             try:
-                weights = fit(like, {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})})
+                weights = fit(
+                    like, {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
+                )
             except ValueError as e:
                 raise mismatch(where, "weights", str(e).split("; "), config.get("versions", {})) from None
             # Its digest covers the whole typed train state: rebuild it to check the digest.
@@ -377,7 +391,9 @@ class CheckpointStore:
         if expected is None:
             raise UnverifiedCheckpoint(f"{where}: no digest recorded in {path} (its save never finished)")
         if state_digest(state) != expected:
-            raise CorruptCheckpoint(f"{where}: corrupt checkpoint (its arrays do not match the digest in {path})")
+            raise CorruptCheckpoint(
+                f"{where}: corrupt checkpoint (its arrays do not match the digest in {path})"
+            )
 
     # ------------------------------------------------------------------ writing (RunDir only)
 
@@ -394,8 +410,11 @@ class CheckpointStore:
                 manager.reload()
                 if epoch in manager.all_steps():  # the same epoch run again after a fall-back: replace it
                     manager.delete(epoch)
-                args = ocp.args.Composite(weights=ocp.args.StandardSave(parts["weights"]),
-                                          rest=ocp.args.StandardSave(parts["rest"]), record=ocp.args.JsonSave(record))
+                args = ocp.args.Composite(
+                    weights=ocp.args.StandardSave(parts["weights"]),
+                    rest=ocp.args.StandardSave(parts["rest"]),
+                    record=ocp.args.JsonSave(record),
+                )
                 manager.save(epoch, args=args, force=True)
                 manager.wait_until_finished()
             if held[0]:
@@ -410,7 +429,8 @@ class CheckpointStore:
             if disk_full:
                 free = shutil.disk_usage(self.out).free
                 raise WriteError(
-                    f"{target}: disk full while writing the checkpoint of epoch {epoch} ({free:,} bytes free); "
+                    f"{target}: disk full while writing the checkpoint of epoch {epoch} ({free:,} bytes "
+                    "free); "
                     "the earlier checkpoints are intact: free some space and continue with --resume"
                 ) from None
             if os_error is not None:
@@ -453,8 +473,12 @@ def train_state_like(config: dict):
 
     def init(key):
         variables = init_variables(model, key)
-        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+        return TrainState(
+            step=jax.numpy.zeros((), jax.numpy.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
+        )
 
     return jax.eval_shape(init, jax.random.key(0))
 
@@ -467,7 +491,8 @@ def mismatch(where: Path, item: str, differences: list[str], wrote: dict) -> Tre
     reading = ", ".join(f"{k} {now[k]}" for k in keys)
     shown = "; ".join(differences[:4])
     return TreeMismatch(
-        f"{where}: the checkpoint does not fit what this code builds ({item}: {shown}); written by {written}, "
+        f"{where}: the checkpoint does not fit what this code builds ({item}: {shown}); written by "
+        f"{written}, "
         f"read by {reading}. Nothing was changed: use the jax-mnist and library versions that wrote it, "
         "or the recipe in its config.json"
     )
@@ -482,8 +507,12 @@ def split_state(state) -> dict[str, Any]:
 
 
 def join_state(like, weights: dict, rest: dict):
-    return like.replace(step=rest["step"], params=weights["params"], batch_stats=weights["batch_stats"],
-                        opt_state=rest["opt_state"])
+    return like.replace(
+        step=rest["step"],
+        params=weights["params"],
+        batch_stats=weights["batch_stats"],
+        opt_state=rest["opt_state"],
+    )
 
 
 def _os_error_in(error: BaseException) -> OSError | None:

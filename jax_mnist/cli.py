@@ -38,8 +38,10 @@ def continue_command(args, add_resume: bool) -> str:
 
 def interrupted(args, error: KeyboardInterrupt, add_resume: bool) -> Interrupted:
     name, code = ("terminated (SIGTERM)", 143) if isinstance(error, Terminated) else ("interrupted", 130)
-    return Interrupted(f"{name}; every finished epoch is checkpointed: continue with {continue_command(args, add_resume)}",
-                       code)
+    return Interrupted(
+        f"{name}; every finished epoch is checkpointed: continue with {continue_command(args, add_resume)}",
+        code,
+    )
 
 
 def cmd_summary(args) -> None:
@@ -50,9 +52,15 @@ def cmd_summary(args) -> None:
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="tfds data dir (default $JAX_MNIST_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    g.add_argument("--mnist-files", help="directory with the four official MNIST .gz files (default $JAX_MNIST_FILES, "
-                   "else <data-dir>/downloads/manual)")  # fmt: skip
+    g.add_argument(
+        "--data-dir",
+        help="tfds data dir (default $JAX_MNIST_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    g.add_argument(
+        "--mnist-files",
+        help="directory with the four official MNIST .gz files (default $JAX_MNIST_FILES, "
+        "else <data-dir>/downloads/manual)",
+    )
     g.add_argument("--no-download", action="store_true", help="never try tfds' network download")
 
 
@@ -83,7 +91,9 @@ def number(low: float, high: float, high_included: bool = True):
         except ValueError:
             raise argparse.ArgumentTypeError(f"takes a number, found {text!r}") from None
         if not (math.isfinite(value) and low <= value and (value <= high if high_included else value < high)):
-            raise argparse.ArgumentTypeError(f"must be a finite number in [{low}, {high}{']' if high_included else ')'}, found {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number in [{low}, {high}{']' if high_included else ')'}, found {text}"
+            )
         return value
 
     return parse
@@ -115,10 +125,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def add_process_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("several processes (hosts), on jax.distributed; default: $JAX_COORDINATOR_ADDRESS, "
-                             "$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, else one process")  # fmt: skip
+    g = p.add_argument_group(
+        "several processes (hosts), on jax.distributed; default: $JAX_COORDINATOR_ADDRESS, "
+        "$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, else one process"
+    )
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
-    g.add_argument("--num-processes", type=whole_number(1), metavar="N", help="how many processes the run has")
+    g.add_argument(
+        "--num-processes", type=whole_number(1), metavar="N", help="how many processes the run has"
+    )
     g.add_argument("--process-id", type=whole_number(0), metavar="I", help="this process's index, 0 .. N-1")
 
 
@@ -148,8 +162,10 @@ def cmd_data(args) -> None:
     mnist = load_data(args)
     seconds = time.perf_counter() - start
     pixels = mnist.train_images / 255.0
-    print(f"train {mnist.train_images.shape} test {mnist.test_images.shape}; "
-          f"train pixel mean {pixels.mean():.4f} std {pixels.std():.4f}; loaded in {seconds:.2f} s")  # fmt: skip
+    print(
+        f"train {mnist.train_images.shape} test {mnist.test_images.shape}; "
+        f"train pixel mean {pixels.mean():.4f} std {pixels.std():.4f}; loaded in {seconds:.2f} s"
+    )
 
 
 def cmd_show_augment(args) -> None:
@@ -159,8 +175,15 @@ def cmd_show_augment(args) -> None:
         raise UserError(f"--scale MIN MAX: MIN must be <= MAX, found {args.scale[0]} > {args.scale[1]}")
     mnist = load_data(args)
     try:
-        write_augment_grid(args.out, mnist.test_images[: args.images], args.copies, args.seed,
-                           degrees=args.degrees, translate=args.translate, scale=tuple(args.scale))  # fmt: skip
+        write_augment_grid(
+            args.out,
+            mnist.test_images[: args.images],
+            args.copies,
+            args.seed,
+            degrees=args.degrees,
+            translate=args.translate,
+            scale=tuple(args.scale),
+        )
     except OSError as e:
         raise UserError(f"{args.out}: cannot write the PNG ({e.strerror})") from None
     print(f"wrote {args.out}")
@@ -195,14 +218,31 @@ def cmd_train(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from jax_mnist.bench import format_result, run_benchmark, write_json
+    from jax_mnist.bench import all_header, bench_all, format_result, run_benchmark, write_json
 
+    if args.all:
+        print(all_header(args.compare_torch), flush=True)
+        rows = bench_all(args.steps, args.compare_torch, log=lambda line: print(line, flush=True))
+        if args.json:
+            write_json({"recipes": rows}, args.json)
+            print(f"wrote {args.json}")
+        return
     if args.seeds and args.seeds_examples < args.batch_size:
-        raise UserError(f"--seeds-examples must be at least the batch size {args.batch_size}, found {args.seeds_examples}")
+        raise UserError(
+            f"--seeds-examples must be at least the batch size {args.batch_size}, found {args.seeds_examples}"
+        )
     overrides = parse_set(args.set)
-    result = run_benchmark(args.recipe, args.batch_size, args.steps, args.warmup, args.compare_torch,
-                           epoch=not args.no_epoch, overrides=overrides, seeds=args.seeds,
-                           seeds_examples=args.seeds_examples)  # fmt: skip
+    result = run_benchmark(
+        args.recipe,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.compare_torch,
+        epoch=not args.no_epoch,
+        overrides=overrides,
+        seeds=args.seeds,
+        seeds_examples=args.seeds_examples,
+    )
     print(format_result(result))
     if args.json:
         write_json(result, args.json)
@@ -221,7 +261,9 @@ def cmd_study(args) -> None:
     join_processes(args)
     data = load_data(args)
     try:
-        run_study(args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples)
+        run_study(
+            args.out, recipes, seeds, data, max_epochs=args.max_epochs, train_examples=args.train_examples
+        )
     except KeyboardInterrupt as e:
         raise interrupted(args, e, add_resume=False) from None
 
@@ -236,8 +278,10 @@ def cmd_report(args) -> None:
         readme = Path(args.readme)
         expected = render_markdown(args.study, out, readme.parent, args.run)
         if pasted_section(_read_text(readme), str(readme)) != expected:
-            raise UserError(f"{readme}: its report section is not what jax-mnist report {args.study} makes now; "
-                            f"regenerate it with: jax-mnist report {args.study} --readme {readme}")  # fmt: skip
+            raise UserError(
+                f"{readme}: its report section is not what jax-mnist report {args.study} makes now; "
+                f"regenerate it with: jax-mnist report {args.study} --readme {readme}"
+            )
         print(f"{readme}: the report section equals the report of {args.study}")
         return
     from jax_mnist.files import write_atomically
@@ -287,8 +331,10 @@ def cmd_evaluate(args) -> None:
     evaluation = evaluate_run(run, args.checkpoint, data.test_images, data.test_labels)
     write_evaluation(evaluation, json_path, predictions_path)
     print(f"{run.out}: {run.recipe.name} seed {run.seed}, checkpoint {args.checkpoint} (epoch {run.epoch})")
-    print(f"test loss {evaluation.loss:.4f}  accuracy {evaluation.accuracy:.2f}%  "
-          f"({int(np.sum(evaluation.predicted != evaluation.labels))} errors of {len(evaluation.labels):,})")
+    print(
+        f"test loss {evaluation.loss:.4f}  accuracy {evaluation.accuracy:.2f}%  "
+        f"({int(np.sum(evaluation.predicted != evaluation.labels))} errors of {len(evaluation.labels):,})"
+    )
     print("per class: " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(evaluation.per_class_accuracy)))
     print(f"wrote {json_path} and {predictions_path}")
 
@@ -316,13 +362,17 @@ def cmd_export(args) -> None:
     run = load_run(args.run_dir, args.checkpoint)
     if args.to == "pytorch":
         state_dict = export_pytorch(run, args.path)
-        print(f"wrote {args.path}: PyTorch state_dict of {run.recipe.model} ({len(state_dict)} keys), "
-              f"epoch {run.epoch} of {run.out}; load it into the original class with load_state_dict")  # fmt: skip
+        print(
+            f"wrote {args.path}: PyTorch state_dict of {run.recipe.model} ({len(state_dict)} keys), "
+            f"epoch {run.epoch} of {run.out}; load it into the original class with load_state_dict"
+        )
     else:
         exported = export_stablehlo(run, args.path)
-        print(f"wrote {args.path}: jax.export of uint8 images (batch, 28, 28, 1) -> log-probabilities "
-              f"(batch, 10), epoch {run.epoch} of {run.out}, for {', '.join(exported.platforms)}; "
-              "load it with jax.export.deserialize(open(path, 'rb').read()).call(images)")  # fmt: skip
+        print(
+            f"wrote {args.path}: jax.export of uint8 images (batch, 28, 28, 1) -> log-probabilities "
+            f"(batch, 10), epoch {run.epoch} of {run.out}, for {', '.join(exported.platforms)}; "
+            "load it with jax.export.deserialize(open(path, 'rb').read()).call(images)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,18 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=f"one of: {', '.join(MODEL_NAMES)}")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("data", help="load (and on first use prepare) MNIST through tfds; print shapes and timing")
+    p = sub.add_parser(
+        "data", help="load (and on first use prepare) MNIST through tfds; print shapes and timing"
+    )
     add_data_options(p)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("show-augment", help="PNG grid: test images (left column) and augmented copies")
     add_data_options(p)
     p.add_argument("--out", default="augment.png", help="PNG path (default augment.png)")
-    p.add_argument("--images", type=whole_number(1, 10_000), default=8, help="rows: how many test images (1-10000)")
-    p.add_argument("--copies", type=whole_number(1, 100), default=8, help="augmented copies per image (1-100)")
+    p.add_argument(
+        "--images", type=whole_number(1, 10_000), default=8, help="rows: how many test images (1-10000)"
+    )
+    p.add_argument(
+        "--copies", type=whole_number(1, 100), default=8, help="augmented copies per image (1-100)"
+    )
     p.add_argument("--degrees", type=number(0, 180), default=7.0, help="rotation range +-degrees")
-    p.add_argument("--translate", type=number(0, 1, high_included=False), default=0.0,
-                   help="affine translation, fraction of the size")  # fmt: skip
+    p.add_argument(
+        "--translate",
+        type=number(0, 1, high_included=False),
+        default=0.0,
+        help="affine translation, fraction of the size",
+    )
     p.add_argument("--scale", type=number(0.01, 100), nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0)
     p.set_defaults(func=cmd_show_augment)
@@ -354,49 +414,106 @@ def build_parser() -> argparse.ArgumentParser:
     from jax_mnist.recipes import RECIPE_NAMES
 
     p = sub.add_parser("train", help="train a recipe; metrics.jsonl, config.json and checkpoints in --out")
-    p.add_argument("--recipe", required=True, choices=RECIPE_NAMES, metavar="NAME", help=f"one of: {', '.join(RECIPE_NAMES)}")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        choices=RECIPE_NAMES,
+        metavar="NAME",
+        help=f"one of: {', '.join(RECIPE_NAMES)}",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="the run's seed (default 1)")
-    seeds.add_argument("--seeds", metavar="SEEDS",
-                       help="train several seeds together, e.g. 1-5 or 1,3,7: one run directory per seed, --out/seed-<s>")  # fmt: skip
+    seeds.add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="train several seeds together, e.g. 1-5 or 1,3,7: one run directory per seed, --out/seed-<s>",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (the peak for OneCycle recipes)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any recipe field, e.g. --set schedule=onecycle --set degrees=10")  # fmt: skip
-    p.add_argument("--out", help="run directory (default runs/<recipe>-seed<seed>; with --seeds runs/<recipe>)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any recipe field, e.g. --set schedule=onecycle --set degrees=10",
+    )
+    p.add_argument(
+        "--out", help="run directory (default runs/<recipe>-seed<seed>; with --seeds runs/<recipe>)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint in --out"
+    )
+    p.add_argument(
+        "--train-examples", type=whole_number(1), help="train on the first N training examples only"
+    )
     add_data_options(p)
     add_process_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="compile and step times of a recipe's training step (optionally vs PyTorch)")
-    p.add_argument("--recipe", default="final", choices=RECIPE_NAMES, metavar="NAME", help="default final (model 8)")
+    p = sub.add_parser(
+        "bench", help="compile and step times of the programs training runs (optionally vs PyTorch)"
+    )
+    p.add_argument(
+        "--recipe", default="final", choices=RECIPE_NAMES, metavar="NAME", help="default final (model 8)"
+    )
     p.add_argument("--batch-size", type=whole_number(1), default=256)
     p.add_argument("--steps", type=whole_number(1), default=30, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=whole_number(0), default=5)
     p.add_argument("--compare-torch", action="store_true", help="time the same network in PyTorch eager too")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
-    p.add_argument("--seeds", type=whole_number(0), default=0, metavar="K",
-                   help="also time one epoch of K seeds trained together vs one after another")  # fmt: skip
-    p.add_argument("--seeds-examples", type=whole_number(1, 60_000), default=60_000, metavar="N",
-                   help="training examples per epoch for --seeds (default 60000)")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        type=whole_number(0),
+        default=0,
+        metavar="K",
+        help="also time one epoch of K seeds trained together vs one after another",
+    )
+    p.add_argument(
+        "--seeds-examples",
+        type=whole_number(1, 60_000),
+        default=60_000,
+        metavar="N",
+        help="training examples per epoch for --seeds (default 60000)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every registered recipe at its own batch size: ms per step (with --compare-torch, "
+        "PyTorch's beside it), as a Markdown table",
+    )
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
     from jax_mnist.study import STUDY_ORDER
 
-    p = sub.add_parser("study", help="train every recipe x seed of the study that is not complete yet (resumable)")
+    p = sub.add_parser(
+        "study", help="train every recipe x seed of the study that is not complete yet (resumable)"
+    )
     p.add_argument("--out", default="results/study", help="study directory (default results/study)")
-    p.add_argument("--recipes", nargs="+", choices=RECIPE_NAMES, metavar="NAME",
-                   help=f"recipes, in the order to run them (default: {' '.join(STUDY_ORDER)})")  # fmt: skip
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=RECIPE_NAMES,
+        metavar="NAME",
+        help=f"recipes, in the order to run them (default: {' '.join(STUDY_ORDER)})",
+    )
     p.add_argument("--seeds", default="1-5", help="seeds of every recipe, e.g. 1-5 (default) or 1,3,7")
-    p.add_argument("--max-epochs", type=whole_number(1), metavar="N",
-                   help="train at most N epochs of each recipe (a shortened run, marked so in the report)")
-    p.add_argument("--dry-run", action="store_true", help="print what is left and the time estimate, train nothing")
-    p.add_argument("--train-examples", type=whole_number(1), help="train on the first N training examples only (smoke tests)")
+    p.add_argument(
+        "--max-epochs",
+        type=whole_number(1),
+        metavar="N",
+        help="train at most N epochs of each recipe (a shortened run, marked so in the report)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what is left and the time estimate, train nothing"
+    )
+    p.add_argument(
+        "--train-examples",
+        type=whole_number(1),
+        help="train on the first N training examples only (smoke tests)",
+    )
     add_data_options(p)
     add_process_options(p)
     p.set_defaults(func=cmd_study)
@@ -406,29 +523,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where report.md and the PNGs go (default: the study directory)")
     from jax_mnist.report import DEFAULT_EVALUATED_RUN
 
-    p.add_argument("--run", default=DEFAULT_EVALUATED_RUN, metavar="RECIPE/seed-S",
-                   help=f"the run whose test errors are drawn (its jax-mnist evaluate output; default {DEFAULT_EVALUATED_RUN})")
+    p.add_argument(
+        "--run",
+        default=DEFAULT_EVALUATED_RUN,
+        metavar="RECIPE/seed-S",
+        help="the run whose test errors are drawn (its jax-mnist evaluate output; "
+        f"default {DEFAULT_EVALUATED_RUN})",
+    )
     p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
-    p.add_argument("--check", action="store_true", help="write nothing; fail if --readme's section differs from the report")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; fail if --readme's section differs from the report",
+    )
     p.set_defaults(func=cmd_report)
 
     checkpoint_help = "which weights: best, last (default) or an epoch number"
-    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and every prediction of a run")
+    p = sub.add_parser(
+        "evaluate", help="test loss, accuracy, per-class accuracy and every prediction of a run"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
-    p.add_argument("--out", help="predictions .npz (default RUN_DIR/predictions-<checkpoint>.npz; the figures "
-                   "go beside it as .json)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="predictions .npz (default RUN_DIR/predictions-<checkpoint>.npz; the figures "
+        "go beside it as .json)",
+    )
     p.add_argument("--force", action="store_true", help="replace existing output files")
     add_data_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="class and probabilities of image files (any size; MNIST polarity handled)")
+    p = sub.add_parser(
+        "predict", help="class and probabilities of image files (any size; MNIST polarity handled)"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="a run's network as a PyTorch state_dict or a serialized StableHLO function")
+    p = sub.add_parser(
+        "export", help="a run's network as a PyTorch state_dict or a serialized StableHLO function"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--to", required=True, choices=("pytorch", "stablehlo"))
     p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo)")
@@ -485,7 +620,10 @@ def _run(args) -> int:
         return 2
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        print(f"jax-mnist {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        print(
+            f"jax-mnist {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}",
+            file=sys.stderr,
+        )
         return 143 if terminated else 130
     return 0
 

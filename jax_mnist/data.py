@@ -26,9 +26,9 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -202,8 +202,10 @@ def _decode_with_data_source(data_dir: Path) -> Mnist:
                 arrays[f"{split}_labels"] = np.array([ex["label"] for ex in examples], np.int32)
     except Exception as e:  # noqa: BLE001  (array_record and tfds raise many types for damaged files)
         first_line = (str(e).splitlines() or [""])[0][:160]
-        raise DataError(f"{dataset_dir(data_dir)}: the prepared mnist is unreadable ({type(e).__name__}: {first_line}); "
-                        "delete that directory and run again to rebuild it from the official files") from None  # fmt: skip
+        raise DataError(
+            f"{dataset_dir(data_dir)}: the prepared mnist is unreadable ({type(e).__name__}: {first_line}); "
+            "delete that directory and run again to rebuild it from the official files"
+        ) from None
     return Mnist(**arrays)
 
 
@@ -241,7 +243,9 @@ def _decode_with_tensorflow(data_dir: Path) -> Mnist:
 
     arrays = {}
     for split in ("train", "test"):
-        ds = tfds.as_numpy(tfds.load("mnist", split=split, data_dir=str(data_dir), batch_size=-1, download=False))
+        ds = tfds.as_numpy(
+            tfds.load("mnist", split=split, data_dir=str(data_dir), batch_size=-1, download=False)
+        )
         arrays[f"{split}_images"] = ds["image"].astype(np.uint8)
         arrays[f"{split}_labels"] = ds["label"].astype(np.int32)
     return Mnist(**arrays)
@@ -312,7 +316,9 @@ def read_cache(path: Path) -> Mnist | None:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get(ENV_DATA_DIR) or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+    return Path(
+        os.environ.get(ENV_DATA_DIR) or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    ).expanduser()
 
 
 def load_mnist(
@@ -365,21 +371,31 @@ def _prepare(data_dir: Path, mnist_files: Path | None, download: bool, log) -> N
     source = next((d for d in (mnist_files, manual_dir) if _files_present(d)), None)
     if source is None:
         where = f"{mnist_files} (or {manual_dir})" if mnist_files else str(manual_dir)
-        hint = (f"put the four official MNIST files ({', '.join(n for f in OFFICIAL_FILES.values() for n in f[:2])}) "
-                f"in {where}, or name their directory with --mnist-files / ${ENV_MNIST_FILES}")  # fmt: skip
+        hint = (
+            "put the four official MNIST files "
+            f"({', '.join(n for f in OFFICIAL_FILES.values() for n in f[:2])}) "
+            f"in {where}, or name their directory with --mnist-files / ${ENV_MNIST_FILES}"
+        )
         if not download:
             raise DataError(f"no MNIST files found and download is off: {hint}")
         unreachable = _network_reachable()
-        if unreachable:  # fail in seconds, before tfds starts (it would retry for minutes, leaving .tmp files)
+        if (
+            unreachable
+        ):  # fail in seconds, before tfds starts (it would retry for minutes, leaving .tmp files)
             raise DataError(f"no MNIST files found and no network for tfds' download ({unreachable}): {hint}")
         log("no MNIST files found; trying tensorflow-datasets' own download")
         try:
             _tfds_download(data_dir)
         except Exception as e:
-            raise DataError(f"tfds download of mnist failed ({type(e).__name__}: {str(e)[:200]}); {hint}") from None
+            raise DataError(
+                f"tfds download of mnist failed ({type(e).__name__}: {str(e)[:200]}); {hint}"
+            ) from None
         return
     splits = read_official_files(source)  # raises DataError naming the file before anything is written
-    log(f"verified the official files in {source}; preparing tfds mnist {TFDS_VERSION} (array_record) in {data_dir}")
+    log(
+        f"verified the official files in {source}; preparing tfds mnist {TFDS_VERSION} (array_record) in "
+        f"{data_dir}"
+    )
     # tfds builds into a temporary directory and renames it when complete, so an
     # interrupted prepare never leaves a dataset that looks prepared.
     with _quiet_tfds():
@@ -394,4 +410,3 @@ def _check_loaded(mnist: Mnist, where: Path) -> None:
                 f"{where}: {split} split: expected images ({count}, 28, 28, 1) and labels ({count},), "
                 f"found {images.shape} and {labels.shape}"
             )
-

@@ -1,31 +1,40 @@
-"""Pure-functional training: state as data, one jitted step, compiled chunks of an epoch, padded eval.
+"""The programs that training runs: the step math as pure functions, and their compiled bundle.
 
-- ``TrainState`` holds params, batch_stats, optimizer state and the step count.
-- ``Engine.train_step(state, images, labels, step_stream)`` is one SGD step of one seed: uint8
-  images are scaled, augmented and normalised inside the compiled code, with the keys of
-  ``streams.step_keys(step_stream, state.step)``.
-- ``Engine.train_epoch`` runs one epoch of K seeds at once: states stacked on a leading seed
-  axis, each seed with its own shuffle order, augmentation and dropout (``jax.vmap``). The
-  epoch is a few calls of one compiled program (a loop over a range of steps, so every chunk
-  size is the same program) plus the short last batch; progress is reported from Python
-  between the calls, never by a host callback inside compiled code.
-- ``Engine.evaluate`` / ``evaluate_seeds`` score every test image for any batch size (pad and mask).
-- ``Engine.from_recipe`` builds one engine per configuration and returns it again for the same
-  configuration, so its compiled programs are reused (nothing recompiles).
+Pure functions (no state, no placement; model, optimizer and augmentation are arguments):
+
+- ``train_step(model, tx, augment, state, images_uint8, labels, step_stream)`` is one SGD step of
+  one seed: uint8 images are scaled, augmented and normalised inside the compiled code, with the
+  keys of ``streams.step_keys(step_stream, state.step)``;
+- ``eval_sums(model, params, batch_stats, images_uint8, labels, batch_size)`` scores every image
+  for any batch size (pad and mask);
+- ``train_chunk`` / ``train_last`` / ``shuffle_orders``: an epoch's full-batch steps
+  ``first .. last - 1`` (a ``fori_loop``, so every chunk size is one program), its short last
+  batch, and each seed's order of the examples; ``over_seeds`` maps a one-seed function over a
+  leading seed axis.
+
+``Programs`` is the bundle a run executes, compiled for one hashable ``ProgramConfig`` (recipe,
+training-set size, number of seeds, devices): ``shuffle``, ``train_chunk``, ``train_last``,
+``evaluate`` and ``learning_rate``, each a ``jax.jit`` that states its shardings
+(``in_shardings``/``out_shardings``), plus ``place_states`` / ``place_data`` that put arrays
+where those programs take them. ``programs_for(config)`` returns the same bundle for the same
+config, so nothing recompiles. The loop over an epoch's chunks, with progress, is in
+``jax_mnist.run``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jax_mnist import augment as augment_lib
 from jax_mnist import hosts, schedules
@@ -43,7 +52,10 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
 
 
-# --------------------------------------------------------------------------- optimizer
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------- a recipe's pieces
 
 
 def torch_sgd(learning_rate, momentum, weight_decay=0.0, nesterov=False) -> optax.GradientTransformation:
@@ -56,23 +68,7 @@ def torch_sgd(learning_rate, momentum, weight_decay=0.0, nesterov=False) -> opta
 
 def make_schedules(recipe: Recipe, steps_per_epoch: int) -> tuple[schedules.Schedule, schedules.Schedule]:
     """(learning rate, momentum) per optimizer step for ``recipe``."""
-    momentum = schedules.constant(recipe.momentum)
-    if recipe.schedule == "constant":
-        return schedules.constant(recipe.lr), momentum
-    if recipe.schedule == "step":
-        return schedules.step_lr(recipe.lr, recipe.step_size, recipe.gamma, steps_per_epoch), momentum
-    lr, cycled = schedules.one_cycle(
-        recipe.lr,
-        recipe.epochs * steps_per_epoch,
-        pct_start=recipe.pct_start,
-        anneal=recipe.anneal,
-        div_factor=recipe.div_factor,
-        final_div_factor=recipe.final_div_factor,
-        three_phase=recipe.three_phase,
-        base_momentum=recipe.base_momentum,
-        max_momentum=recipe.max_momentum,
-    )
-    return lr, (cycled if recipe.cycle_momentum else momentum)
+    return schedules.for_recipe(recipe, steps_per_epoch)
 
 
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -82,7 +78,7 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransf
     )
 
 
-def make_augment(recipe: Recipe) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_augment(recipe: Recipe) -> Augment:
     """(key, images in [0, 1]) -> images; black is 0 at this point."""
     if recipe.augment == "rotate":
         return functools.partial(augment_lib.random_rotation, degrees=recipe.degrees, fill=0.0)
@@ -97,11 +93,18 @@ def make_augment(recipe: Recipe) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda key, images: images
 
 
+def make_model(recipe: Recipe, platform: str) -> S7Net:
+    """The recipe's network, its convolution lowered for ``platform`` ("cpu", "gpu", "tpu")."""
+    overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
+    conv_impl = resolve_conv_impl(recipe.conv_impl, platform)
+    return get_model(recipe.model, conv_impl=conv_impl, dropout_impl=recipe.dropout_impl, **overrides)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-# --------------------------------------------------------------------------- engine
+# --------------------------------------------------------------------------- step math
 
 
 def preprocess(images_uint8: jax.Array) -> jax.Array:
@@ -140,7 +143,109 @@ def batch_metrics(logp: jax.Array, labels: jax.Array, mask: jax.Array | None = N
 
 
 def zero_metrics(shape=()) -> dict[str, jax.Array]:
-    return {"loss_sum": jnp.zeros(shape), "correct": jnp.zeros(shape, jnp.int32), "count": jnp.zeros(shape, jnp.int32)}
+    return {
+        "loss_sum": jnp.zeros(shape),
+        "correct": jnp.zeros(shape, jnp.int32),
+        "count": jnp.zeros(shape, jnp.int32),
+    }
+
+
+def means(sums: dict) -> dict[str, float]:
+    """Mean loss, accuracy (%) and count of summed metrics (host values)."""
+    count = int(sums["count"])
+    return {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": 100.0 * int(sums["correct"]) / count,
+        "count": count,
+    }
+
+
+def _no_constraint(*arrays):
+    return arrays
+
+
+def init_state(model: S7Net, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    variables = init_variables(model, key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def train_step(
+    model: S7Net,
+    tx: optax.GradientTransformation,
+    augment: Augment,
+    state: TrainState,
+    images_uint8: jax.Array,
+    labels: jax.Array,
+    step_stream: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    split_batch: Callable = _no_constraint,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step of one seed -> (new state, the batch's summed metrics).
+
+    ``split_batch(images, labels)`` may constrain the batch's placement (over devices) without
+    changing its meaning: BatchNorm statistics stay over the whole batch.
+    """
+    images_uint8, labels = split_batch(images_uint8, labels)
+    augment_key, dropout_key = step_keys(step_stream, state.step)
+    images = normalize(augment(augment_key, preprocess(images_uint8)))
+
+    def loss_fn(params):
+        logp, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        return training_loss(logp, labels, label_smoothing), (
+            logp,
+            updates.get("batch_stats", state.batch_stats),
+        )
+
+    (_, (logp, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, batch_metrics(logp, labels)
+
+
+def eval_sums(
+    model: S7Net,
+    params,
+    batch_stats,
+    images_uint8: jax.Array,
+    labels: jax.Array,
+    batch_size: int,
+    *,
+    split_batch: Callable = _no_constraint,
+) -> dict[str, jax.Array]:
+    """Summed loss, correct and count over every image, in batches of ``batch_size`` (the last padded)."""
+    n = labels.shape[0]
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    images = jnp.pad(images_uint8, ((0, pad), (0, 0), (0, 0), (0, 0)))
+    padded_labels = jnp.pad(labels, (0, pad))
+    mask = jnp.arange(batches * batch_size) < n
+    shape = (batches, batch_size)
+
+    def body(totals, batch):
+        x, y, m = split_batch(*batch)
+        variables = {"params": params, "batch_stats": batch_stats}
+        logp = model.apply(variables, normalize(preprocess(x)), train=False)
+        return jax.tree_util.tree_map(jnp.add, totals, batch_metrics(logp, y, m)), None
+
+    batched = (images.reshape(*shape, *images.shape[1:]), padded_labels.reshape(shape), mask.reshape(shape))
+    totals, _ = jax.lax.scan(body, zero_metrics(), batched)
+    return totals
+
+
+# --------------------------------------------------------------------------- seeds and epochs
 
 
 def over_seeds(fn: Callable, in_axes: Sequence[int | None], strategy: str = "vmap") -> Callable:
@@ -148,10 +253,10 @@ def over_seeds(fn: Callable, in_axes: Sequence[int | None], strategy: str = "vma
     None for shared arguments).
 
     One seed runs ``fn`` itself on the unstacked arguments, so a single-seed run is exactly the
-    computation of an engine without a seed axis. Several seeds run ``jax.vmap(fn)``
-    (``strategy="vmap"``: one batched program, what fills an accelerator) or ``lax.map`` of
-    ``fn`` (``"map"``: the seeds one after another inside one compiled program; on XLA:CPU
-    this is about 20 % faster than vmap, docs/benchmarks.md). Both compute the same function.
+    computation without a seed axis. Several seeds run ``jax.vmap(fn)`` (``strategy="vmap"``:
+    one batched program, what fills an accelerator) or ``lax.map`` of ``fn`` (``"map"``: the
+    seeds one after another inside one compiled program; on XLA:CPU this is about 20 % faster
+    than vmap, docs/benchmarks.md). Both compute the same function.
     """
 
     def apply(*args):
@@ -191,12 +296,66 @@ def seed_slice(tree: Any, index: int) -> Any:
     return jax.tree_util.tree_map(lambda x: x[index], tree)
 
 
+SeedsStep = Callable[..., tuple[TrainState, dict]]
+
+
+def seeds_step(step: Callable, strategy: str) -> SeedsStep:
+    """``(states, train_images, train_labels, batch_indices, step_streams) -> (states, metrics)``:
+    one ``step`` of every seed, seed k on batch ``batch_indices[k]`` of the shared training set."""
+
+    def one_seed(state, indices, step_stream, train_images, train_labels):
+        return step(state, train_images[indices], train_labels[indices], step_stream)
+
+    def apply(states, train_images, train_labels, batch_indices, step_streams):
+        per_seed = over_seeds(one_seed, (0, 0, 0, None, None), strategy)
+        return per_seed(states, batch_indices, step_streams, train_images, train_labels)
+
+    return apply
+
+
+def train_chunk(
+    step: SeedsStep, batch_size: int, states, train_images, train_labels, orders, step_streams, first, last
+):
+    """Full-batch steps ``first`` .. ``last - 1`` of an epoch, metrics summed per seed.
+
+    ``first``/``last`` are traced: every chunk of every epoch runs this one program.
+    """
+
+    def body(j, carry):
+        states, sums = carry
+        indices = jax.lax.dynamic_slice_in_dim(orders, j * batch_size, batch_size, axis=1)
+        states, metrics = step(states, train_images, train_labels, indices, step_streams)
+        return states, jax.tree_util.tree_map(jnp.add, sums, metrics)
+
+    return jax.lax.fori_loop(first, last, body, (states, zero_metrics((orders.shape[0],))))
+
+
+def train_last(step: SeedsStep, batch_size: int, states, train_images, train_labels, orders, step_streams):
+    """The short last batch of an epoch (every example is used once per epoch)."""
+    full = orders.shape[1] // batch_size
+    return step(states, train_images, train_labels, orders[:, full * batch_size :], step_streams)
+
+
+def shuffle_orders(num_examples: int, shuffle_streams, epoch) -> jax.Array:
+    """Each seed's permutation of the training examples for ``epoch`` (seeds on the leading axis)."""
+    return jax.vmap(lambda k: jax.random.permutation(shuffle_key(k, epoch), num_examples))(shuffle_streams)
+
+
+def epoch_chunks(num_examples: int, batch_size: int, chunks: int = 10) -> list[tuple[int, int]]:
+    """The ranges of full-batch steps that an epoch runs as separate calls of ``train_chunk``."""
+    full = num_examples // batch_size
+    size = max(1, -(-full // chunks))
+    return [(first, min(first + size, full)) for first in range(0, full, size)]
+
+
+# --------------------------------------------------------------------------- compiled programs
+
 # With its older elemental fusion emitters XLA:CPU compiles model 8's training step in about
 # two thirds of the time, and the step runs no slower (docs/benchmarks.md, profile_step.py).
 _CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_options_for(device) -> tuple[tuple[str, Any], ...]:
     if device.platform != "cpu":
         return ()
@@ -209,290 +368,181 @@ def _compiler_options_for(device) -> tuple[tuple[str, Any], ...]:
 
 
 def compiler_options(device) -> dict[str, Any]:
-    """XLA options for the engine's compiled functions on ``device`` (empty off CPU)."""
+    """XLA options for the compiled programs on ``device`` (empty off CPU)."""
     return dict(_compiler_options_for(device))
 
 
-@dataclass(frozen=True)
-class Engine:
-    """The compiled functions of one training configuration.
+@dataclasses.dataclass(frozen=True)
+class ProgramConfig:
+    """What a run's compiled programs depend on (hashable: ``programs_for`` caches by it)."""
 
-    Build it with ``Engine.from_recipe``, which returns the same engine (and so the same
-    compiled programs) for the same recipe, training-set size and devices.
+    recipe: Recipe
+    num_train_examples: int
+    seeds: int = 1  # how many seeds are stacked on the leading axis
+    devices: tuple | None = None  # None: every device (of every process: ``jax_mnist.hosts``)
+
+    def with_devices(self) -> ProgramConfig:
+        devices = tuple(jax.devices()) if self.devices is None else tuple(self.devices)
+        return dataclasses.replace(self, devices=devices)
+
+
+class Programs:
+    """The compiled programs a run executes for one ``ProgramConfig``; build with ``programs_for``.
+
+    With several devices they form a 1-D mesh (axis "devices"): the seed axis is split over it
+    when the number of seeds is a multiple of the device count (no traffic between devices),
+    else every batch is (XLA inserts the cross-device reductions). Each program's shardings are
+    given to its ``jax.jit``; ``place_states``/``place_data`` put host arrays there.
     """
 
-    model: S7Net
-    tx: optax.GradientTransformation
-    augment: Callable[[jax.Array, jax.Array], jax.Array]
-    batch_size: int
-    eval_batch_size: int
-    # Several devices: a 1-D mesh (axis "devices"). Seeds are split over it when their number
-    # is a multiple of the device count (no traffic between devices), else every batch is.
-    mesh: Mesh | None = None
-    # Passed to every jax.jit of the engine (see compiler_options).
-    xla_options: dict = field(default_factory=dict, compare=False, hash=False)
-    # How stacked seeds are computed: "vmap" or "map" (see over_seeds).
-    seed_axis: str = "vmap"
-    # The learning rate per optimizer step (for the metrics; the optimizer holds its own copy).
-    lr_schedule: Callable | None = field(default=None, compare=False, hash=False)
-    label_smoothing: float = 0.0  # of the training loss (Recipe.label_smoothing)
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> "Engine":
-        """``devices``: the devices to run on (default: all devices, of every process of a
-        multi-process run: see ``jax_mnist.hosts``)."""
-        devices = tuple(jax.devices() if devices is None else devices)
-        return _engine_for(recipe, num_train_examples, devices)
-
-    @classmethod
-    def build(cls, recipe: Recipe, num_train_examples: int, devices: Sequence) -> "Engine":
-        """A new engine (new compiled programs); ``from_recipe`` reuses one per configuration."""
-        overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
-        conv_impl = resolve_conv_impl(recipe.conv_impl, devices[0].platform)
-        per_epoch = steps_per_epoch(num_train_examples, recipe.batch_size)
-        return cls(
-            model=get_model(recipe.model, conv_impl=conv_impl, dropout_impl=recipe.dropout_impl, **overrides),
-            tx=make_optimizer(recipe, per_epoch),
-            augment=make_augment(recipe),
-            batch_size=recipe.batch_size,
-            eval_batch_size=recipe.eval_batch_size,
-            mesh=Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None,
-            xla_options=compiler_options(_local(devices)),
-            seed_axis=resolve_seed_axis(recipe.seed_axis, devices[0].platform),
-            lr_schedule=make_schedules(recipe, per_epoch)[0],
+    def __init__(self, config: ProgramConfig):
+        config = config.with_devices()
+        recipe, devices = config.recipe, config.devices
+        self.config = config
+        platform = devices[0].platform
+        self.batch_size, self.eval_batch_size = recipe.batch_size, recipe.eval_batch_size
+        self.steps_per_epoch = steps_per_epoch(config.num_train_examples, recipe.batch_size)
+        self.model = make_model(recipe, platform)
+        self.tx = make_optimizer(recipe, self.steps_per_epoch)
+        self.augment = make_augment(recipe)
+        self.lr_schedule = make_schedules(recipe, self.steps_per_epoch)[0]
+        self.mesh = Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None
+        self.splits_seeds = self.mesh is not None and config.seeds % self.mesh.size == 0
+        # vmap when the seeds are split over devices (a loop over a split axis would serialise them)
+        self.seed_strategy = "vmap" if self.splits_seeds else resolve_seed_axis(recipe.seed_axis, platform)
+        if self.mesh is None:
+            self.seed_sharding = self.data_sharding = SingleDeviceSharding(devices[0])
+        else:
+            self.data_sharding = NamedSharding(self.mesh, PartitionSpec())
+            self.seed_sharding = NamedSharding(
+                self.mesh, PartitionSpec("devices") if self.splits_seeds else PartitionSpec()
+            )
+        split = _no_constraint if self.splits_seeds else self._split_batch
+        step = functools.partial(
+            train_step,
+            self.model,
+            self.tx,
+            self.augment,
             label_smoothing=recipe.label_smoothing,
+            split_batch=split,
         )
+        self._step = seeds_step(step, self.seed_strategy)
+        seed, data = self.seed_sharding, self.data_sharding
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(_local(devices)))
+        # (shuffle streams, epoch) -> each seed's order of the training examples
+        self.shuffle = jit(
+            functools.partial(shuffle_orders, config.num_train_examples),
+            in_shardings=(seed, data),
+            out_shardings=seed,
+        )
+        # (states, train images, train labels, orders, step streams, first, last) -> (states, sums)
+        self.train_chunk = jit(
+            functools.partial(train_chunk, self._step, self.batch_size),
+            in_shardings=(seed, data, data, seed, seed, data, data),
+            out_shardings=(seed, seed),
+            donate_argnums=(0,),
+        )
+        # (states, train images, train labels, orders, step streams) -> (states, sums)
+        self.train_last = jit(
+            functools.partial(train_last, self._step, self.batch_size),
+            in_shardings=(seed, data, data, seed, seed),
+            out_shardings=(seed, seed),
+            donate_argnums=(0,),
+        )
+        # (params, batch_stats, images, labels) -> summed metrics per seed
+        evaluate_one = functools.partial(
+            eval_sums, self.model, batch_size=self.eval_batch_size, split_batch=split
+        )
+        self.evaluate = jit(
+            over_seeds(evaluate_one, (0, 0, None, None), self.seed_strategy),
+            in_shardings=(seed, seed, data, data),
+            out_shardings=seed,
+        )
+        # optimizer step -> its float32 learning rate (one compiled program for every step)
+        self.learning_rate = jit(self.lr_schedule)
 
-    @functools.cached_property
-    def _learning_rate(self):
-        return jax.jit(self.lr_schedule)
-
-    def learning_rate(self, step: int) -> float:
-        """The float32 learning rate of optimizer step ``step`` (compiled once: eager ``jnp.power``
-        would compile anew for every new exponent)."""
-        return float(self._learning_rate(jnp.asarray(step, jnp.int32)))
-
-    # ------------------------------------------------------------------ placement
-
-    def splits_seeds(self, seeds: int) -> bool:
-        """Whether ``seeds`` stacked seeds are split over the devices (else batches are)."""
-        return self.mesh is not None and seeds % self.mesh.size == 0
-
-    def seed_strategy(self, seeds: int) -> str:
-        """vmap when the seeds are split over devices (a loop over a split axis would serialise them)."""
-        return "vmap" if self.splits_seeds(seeds) else self.seed_axis
-
-    def shard_batch(self, *arrays):
-        """Split arrays along their first (batch) axis over the mesh; a no-op on one device.
-
-        The computation keeps its global meaning (BatchNorm statistics stay over the
-        whole batch): XLA inserts the cross-device reductions.
-        """
+    def _split_batch(self, *arrays):
         if self.mesh is None or arrays[0].shape[0] % self.mesh.size:
             return arrays
         sharding = NamedSharding(self.mesh, PartitionSpec("devices"))
         return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
 
-    def put_shared(self, tree):
-        """Arrays every seed reads (the data sets): on the device, or on every device of the mesh."""
-        if self.mesh is None:
-            return jax.device_put(tree)
-        return hosts.put(tree, NamedSharding(self.mesh, PartitionSpec()))
-
-    def put_seeds(self, tree):
-        """Arrays stacked on a leading seed axis: split over the devices when they split seeds."""
-        if self.mesh is None:
-            return jax.device_put(tree)
-        seeds = jax.tree_util.tree_leaves(tree)[0].shape[0]
-        spec = PartitionSpec("devices") if self.splits_seeds(seeds) else PartitionSpec()
-        return hosts.put(tree, NamedSharding(self.mesh, spec))
-
-    # ------------------------------------------------------------------ state
-
-    def init(self, key: jax.Array) -> TrainState:
-        variables = init_variables(self.model, key)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=self.tx.init(variables["params"]),
-        )
+    def init_state(self, key: jax.Array) -> TrainState:
+        """A new state of one seed (no seed axis), from its init key."""
+        return init_state(self.model, self.tx, key)
 
     def init_seeds(self, seeds: Sequence[int]) -> tuple[TrainState, RunKeys]:
         """Initial states and run keys of ``seeds``, stacked on a leading seed axis and placed.
 
         Each seed is initialised on its own, exactly as a single-seed run of it.
         """
-        keys = stacked_run_keys(seeds)
-        states = stack_seeds([self.init(run_keys(s).init) for s in seeds])
-        return self.put_seeds(states), self.put_seeds(keys)
+        self._check_seeds(len(seeds))
+        states = stack_seeds([self.init_state(run_keys(s).init) for s in seeds])
+        return self.place_states(states), self.place_states(stacked_run_keys(seeds))
 
-    # ------------------------------------------------------------------ step
+    def place_states(self, tree):
+        """Arrays stacked on the leading seed axis, where the programs take them."""
+        self._check_seeds(jax.tree_util.tree_leaves(tree)[0].shape[0])
+        return hosts.put(tree, self.seed_sharding)
 
-    def loss_fn(self, params, batch_stats, images, labels, dropout_key):
-        logp, updates = self.model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
-        )
-        return training_loss(logp, labels, self.label_smoothing), (logp, updates.get("batch_stats", batch_stats))
+    def place_data(self, tree):
+        """Arrays every seed reads (the data sets), where the programs take them."""
+        return hosts.put(tree, self.data_sharding)
 
-    def _train_step(self, state: TrainState, images_uint8, labels, step_stream, split_batch: bool = True):
-        if split_batch:
-            images_uint8, labels = self.shard_batch(images_uint8, labels)
-        augment_key, dropout_key = step_keys(step_stream, state.step)
-        images = normalize(self.augment(augment_key, preprocess(images_uint8)))
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
-        (_, (logp, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, dropout_key)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        return new_state, batch_metrics(logp, labels)
+    def _check_seeds(self, seeds: int) -> None:
+        if seeds != self.config.seeds:
+            raise ValueError(f"these programs are compiled for {self.config.seeds} seed(s), found {seeds}")
 
-    @functools.cached_property
-    def train_step(self):
-        """jit(state, uint8 images (B, 28, 28, 1), int labels (B,), step stream key) -> (state, metrics).
-
-        One seed, no seed axis; the augmentation and dropout keys are those of ``state.step``.
-        """
-        return jax.jit(self._train_step, compiler_options=self.xla_options)
-
-    def _seeds_step(self, states, train_images, train_labels, batch_indices, step_streams):
-        """One step of every seed: batch ``batch_indices[k]`` (into the shared train set) for seed k."""
-        split_batch = not self.splits_seeds(batch_indices.shape[0])
-
-        def one_seed(state, indices, step_stream):
-            return self._train_step(state, train_images[indices], train_labels[indices], step_stream, split_batch)
-
-        return over_seeds(one_seed, (0, 0, 0), self.seed_strategy(batch_indices.shape[0]))(states, batch_indices, step_streams)
-
-    # ------------------------------------------------------------------ epoch
-
-    def _train_steps(self, states, train_images, train_labels, orders, step_streams, first, last):
-        """Steps ``first`` .. ``last - 1`` of an epoch over full batches; metrics summed per seed.
-
-        ``first``/``last`` are traced: every chunk of every epoch runs this one program.
-        """
-        seeds = orders.shape[0]
-
-        def body(j, carry):
-            states, sums = carry
-            indices = jax.lax.dynamic_slice_in_dim(orders, j * self.batch_size, self.batch_size, axis=1)
-            states, metrics = self._seeds_step(states, train_images, train_labels, indices, step_streams)
-            return states, jax.tree_util.tree_map(jnp.add, sums, metrics)
-
-        return jax.lax.fori_loop(first, last, body, (states, zero_metrics((seeds,))))
-
-    def _train_last(self, states, train_images, train_labels, orders, step_streams):
-        """The short last batch of an epoch (every example is used once per epoch)."""
-        full = orders.shape[1] // self.batch_size
-        return self._seeds_step(states, train_images, train_labels, orders[:, full * self.batch_size :], step_streams)
-
-    def _shuffle(self, shuffle_streams, epoch, num_examples: int):
-        return jax.vmap(lambda k: jax.random.permutation(shuffle_key(k, epoch), num_examples))(shuffle_streams)
-
-    @functools.cached_property
-    def _programs(self) -> dict[str, Callable]:
-        jit = functools.partial(jax.jit, compiler_options=self.xla_options)
-        return {
-            "shuffle": jit(self._shuffle, static_argnums=(2,)),
-            "steps": jit(self._train_steps, donate_argnums=(0,)),
-            "last": jit(self._train_last, donate_argnums=(0,)),
-            "evaluate": jit(self._evaluate_seeds),
-        }
-
-    def epoch_chunks(self, num_examples: int, chunks: int = 10) -> list[tuple[int, int]]:
-        """The ranges of full-batch steps that ``train_epoch`` runs as separate calls."""
-        full = num_examples // self.batch_size
-        size = max(1, -(-full // chunks))
-        return [(first, min(first + size, full)) for first in range(0, full, size)]
-
-    def train_epoch(self, states, train_images, train_labels, keys: RunKeys, epoch: int,
-                    progress: Callable[[int, dict], None] | None = None, chunks: int = 10):  # fmt: skip
-        """One pass of every seed over the (device-resident) training set.
-
-        ``states``/``keys`` are stacked on a leading seed axis (``init_seeds``); ``states`` is
-        donated. Returns (states, per-seed summed metrics as numpy arrays). ``progress``, if
-        given, is called from Python after each chunk with the steps done and the metrics so far.
-        """
-        programs = self._programs
-        n = train_labels.shape[0]
-        orders = programs["shuffle"](keys.shuffle, jnp.asarray(epoch, jnp.int32), n)
-        totals = None
-        pending = None  # the previous chunk's metrics: read after the next chunk is queued
-        for first, last in self.epoch_chunks(n, chunks):
-            states, sums = programs["steps"](states, train_images, train_labels, orders, keys.step,
-                                             jnp.asarray(first, jnp.int32), jnp.asarray(last, jnp.int32))  # fmt: skip
-            if pending is not None:
-                totals = _add_host(totals, *pending, progress)
-            pending = (sums, last)
-        if n % self.batch_size:
-            states, sums = programs["last"](states, train_images, train_labels, orders, keys.step)
-            if pending is not None:
-                totals = _add_host(totals, *pending, progress)
-            pending = (sums, steps_per_epoch(n, self.batch_size))
-        totals = _add_host(totals, *pending, progress)
-        return states, totals
-
-    # ------------------------------------------------------------------ eval
-
-    def _evaluate(self, params, batch_stats, images_uint8, labels):
-        n = labels.shape[0]
-        batches = -(-n // self.eval_batch_size)
-        pad = batches * self.eval_batch_size - n
-        images = jnp.pad(images_uint8, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        padded_labels = jnp.pad(labels, (0, pad))
-        mask = jnp.arange(batches * self.eval_batch_size) < n
-        shape = (batches, self.eval_batch_size)
-
-        def body(totals, batch):
-            x, y, m = self.shard_batch(*batch)
-            logp = self.model.apply({"params": params, "batch_stats": batch_stats}, normalize(preprocess(x)), train=False)
-            return jax.tree_util.tree_map(jnp.add, totals, batch_metrics(logp, y, m)), None
-
-        batched = (images.reshape(*shape, *images.shape[1:]), padded_labels.reshape(shape), mask.reshape(shape))
-        totals, _ = jax.lax.scan(body, zero_metrics(), batched)
-        return totals
-
-    def _evaluate_seeds(self, params, batch_stats, images_uint8, labels):
-        strategy = self.seed_strategy(jax.tree_util.tree_leaves(params)[0].shape[0])
-        return over_seeds(self._evaluate, (0, 0, None, None), strategy)(params, batch_stats, images_uint8, labels)
-
-    @functools.cached_property
-    def _evaluate_jit(self):
-        return jax.jit(self._evaluate, compiler_options=self.xla_options)
-
-    def evaluate(self, state: TrainState, images_uint8, labels) -> dict[str, float]:
-        """Mean NLL, accuracy (%) and count over every example, for any eval batch size (one seed)."""
-        return _means(jax.device_get(self._evaluate_jit(state.params, state.batch_stats, images_uint8, labels)))
-
-    def evaluate_seeds(self, states: TrainState, images_uint8, labels) -> list[dict[str, float]]:
-        """``evaluate`` of each seed of stacked ``states``; images and labels shared."""
-        sums = hosts.to_host(self._programs["evaluate"](states.params, states.batch_stats, images_uint8, labels))
-        return [_means(seed_slice(sums, k)) for k in range(len(sums["count"]))]
-
-
-def _means(sums: dict) -> dict[str, float]:
-    count = int(sums["count"])
-    return {"loss": float(sums["loss_sum"]) / count, "accuracy": 100.0 * int(sums["correct"]) / count, "count": count}
-
-
-def _add_host(totals, sums, steps_done: int, progress):
-    """Running per-seed totals on the host (this waits for ``sums``); reports progress."""
-    sums = hosts.to_host(sums)
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-    if progress is not None:
-        progress(steps_done, totals)
-    return totals
+    def chunks(self, num_examples: int, chunks: int = 10) -> list[tuple[int, int]]:
+        return epoch_chunks(num_examples, self.batch_size, chunks)
 
 
 def _local(devices: Sequence):
     """A device of this process among ``devices`` (what this process can compile a probe for)."""
-    return next((d for d in devices if d.process_index == jax.process_index()), devices[0])
+    return next((d for d in devices if d.process_index == hosts.index()), devices[0])
 
 
-@functools.lru_cache(maxsize=16)
-def _engine_for(recipe: Recipe, num_train_examples: int, devices: tuple) -> Engine:
-    return Engine.build(recipe, num_train_examples, devices)
+def programs_for(config: ProgramConfig) -> Programs:
+    """The compiled programs of ``config``: the same object for the same config (and devices)."""
+    return _programs_for(config.with_devices())
+
+
+@functools.lru_cache(maxsize=32)
+def _programs_for(config: ProgramConfig) -> Programs:
+    return Programs(config)
+
+
+# --------------------------------------------------------------------------- deprecated
+
+
+class Engine:
+    """Deprecated: the 0.1 interface over ``Programs`` (use ``programs_for`` and ``jax_mnist.run``).
+
+    Kept so that callers of ``Engine.from_recipe(...).init/train_step/evaluate`` go on working."""
+
+    def __init__(self, recipe: Recipe, num_train_examples: int, devices):
+        self.recipe, self.num_train_examples, self.devices = recipe, num_train_examples, devices
+        self.model = make_model(recipe, devices[0].platform)
+        self.tx = make_optimizer(recipe, steps_per_epoch(num_train_examples, recipe.batch_size))
+        self.augment = make_augment(recipe)
+        step = functools.partial(
+            train_step, self.model, self.tx, self.augment, label_smoothing=recipe.label_smoothing
+        )
+        self.train_step = jax.jit(step)
+        self._evaluate = jax.jit(functools.partial(eval_sums, self.model, batch_size=recipe.eval_batch_size))
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> Engine:
+        warnings.warn(
+            "jax_mnist.engine.Engine is deprecated: use engine.programs_for(ProgramConfig(...)) "
+            "and jax_mnist.run.train_epoch",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls(recipe, num_train_examples, tuple(jax.devices() if devices is None else devices))
+
+    def init(self, key: jax.Array) -> TrainState:
+        return init_state(self.model, self.tx, key)
+
+    def evaluate(self, state: TrainState, images_uint8, labels) -> dict[str, float]:
+        return means(jax.device_get(self._evaluate(state.params, state.batch_stats, images_uint8, labels)))

@@ -42,7 +42,9 @@ def stablehlo_function(run: Run) -> jax.export.Exported:
     apply = log_probabilities_fn(model)
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *INPUT_SHAPE), jnp.uint8)
-    return jax.export.export(jax.jit(lambda images: apply(variables, images)), platforms=EXPORT_PLATFORMS)(spec)
+    return jax.export.export(jax.jit(lambda images: apply(variables, images)), platforms=EXPORT_PLATFORMS)(
+        spec
+    )
 
 
 def export_stablehlo(run: Run, path: str | os.PathLike) -> jax.export.Exported:

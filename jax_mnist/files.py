@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO
 
 from jax_mnist.errors import JaxMnistError
 
-Content = Union[str, bytes, Callable[[IO[bytes]], None]]
+Content = str | bytes | Callable[[IO[bytes]], None]
 
 # What a run directory holds (jax_mnist.rundir): no command's output may replace these.
 RUN_FILES = ("config.json", "metrics.jsonl", "digests.json", ".lock")
@@ -74,8 +75,10 @@ def output_path(path: str | os.PathLike, force: bool, what: str = "output") -> P
     path = Path(path)
     run = run_directory_of(path)
     if run is not None:
-        raise WriteError(f"{path}: is a file of the run directory {run}; refusing to write the {what} there: "
-                         "choose another path")
+        raise WriteError(
+            f"{path}: is a file of the run directory {run}; refusing to write the {what} there: "
+            "choose another path"
+        )
     if path.is_dir():
         raise WriteError(f"{path}: is a directory; name a file for the {what}")
     if path.exists() and not force:

@@ -10,9 +10,11 @@ metrics by all-gather. With one process every function here is the plain single-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +27,11 @@ class HostsError(JaxMnistError):
 
 
 # The variables a launcher sets for every process (one process per host, or per accelerator group).
-ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+)
 # Seconds without a heartbeat after which the coordination service declares a process dead.
 HEARTBEAT_TIMEOUT_SECONDS = 30
 
@@ -40,8 +46,12 @@ def _env_int(name: str) -> int | None:
         raise HostsError(f"environment variable {name} must be a whole number, found {text!r}") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> bool:  # fmt: skip
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+) -> bool:
     """Join a multi-process run when one is asked for (flags, else the ``JAX_*`` environment
     variables above); returns whether it did. Must run before anything touches a JAX device."""
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
@@ -50,8 +60,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if coordinator is None and num_processes is None and process_id is None:
         return False
     if coordinator is None or ":" not in coordinator:
-        raise HostsError(f"a multi-process run needs the coordinator as HOST:PORT (--coordinator or {ENV_COORDINATOR}), "
-                         f"found {coordinator!r}")  # fmt: skip
+        raise HostsError(
+            f"a multi-process run needs the coordinator as HOST:PORT (--coordinator or {ENV_COORDINATOR}), "
+            f"found {coordinator!r}"
+        )
     if num_processes is not None and num_processes < 1:
         raise HostsError(f"--num-processes must be at least 1, found {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -60,11 +72,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # in-process only); GPUs and TPUs use their own. Harmless off CPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)  # fmt: skip
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+        )
     except Exception as e:  # noqa: BLE001  (jaxlib raises its own runtime errors)
-        raise HostsError(f"cannot join the run at {coordinator} as process {process_id} of {num_processes}: "
-                         f"{str(e).splitlines()[0][:300]}") from None  # fmt: skip
+        raise HostsError(
+            f"cannot join the run at {coordinator} as process {process_id} of {num_processes}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from None
     global _joined
     _joined = True
     return True
@@ -82,8 +97,17 @@ def count() -> int:
     return jax.process_count()
 
 
+def index() -> int:
+    return jax.process_index()
+
+
 def is_main() -> bool:
     return jax.process_index() == 0
+
+
+def main_only(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` on the main process; a function that drops its message on the others."""
+    return log if is_main() else (lambda message: None)
 
 
 def describe() -> str:
@@ -160,10 +184,36 @@ def from_main(read: Callable[[], Any], share: Callable[[Any], Any] = lambda valu
 
 
 # What the runtime says when a peer process is gone (its sockets closed, or heartbeats stopped).
-_PEER_LOST_MARKERS = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat",
-                      "CoordinationService", "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE")  # fmt: skip
+_PEER_LOST_MARKERS = (
+    "Gloo",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "heartbeat",
+    "CoordinationService",
+    "coordination service",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+)
 
 
 def peer_lost(error: BaseException) -> bool:
     """Whether ``error`` is the runtime reporting that another process of the run stopped."""
     return count() > 1 and any(marker in str(error) for marker in _PEER_LOST_MARKERS)
+
+
+class PeerLost(HostsError):
+    """Another process of a multi-process run stopped (killed, crashed, or its host went away)."""
+
+
+@contextlib.contextmanager
+def peer_loss_stops_the_run():
+    """The runtime's error for a vanished peer process, as one ``PeerLost`` line saying what to do."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (the runtime raises its own types when a peer is gone)
+        if not peer_lost(e):
+            raise
+        raise PeerLost(
+            f"{describe()}: another process of this run stopped ({str(e).splitlines()[0][:200]}). "
+            f"Every finished epoch is checkpointed: start all {count()} processes again with --resume"
+        ) from None

@@ -19,13 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mnist.engine import normalize, preprocess
+from jax_mnist.engine import make_model, normalize, preprocess
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import WriteError, write_atomically
-from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
 from jax_mnist.rundir import Run
-from jax_mnist.zoo import S7Net, get_model
+from jax_mnist.zoo import S7Net
 
 NUM_CLASSES = 10
 
@@ -36,9 +35,9 @@ class ImageError(JaxMnistError, ValueError):
 
 def inference_model(recipe: Recipe, conv_impl: str | None = None) -> S7Net:
     """The recipe's network for inference on the default device (``conv_impl`` overrides it)."""
-    overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
-    impl = conv_impl or resolve_conv_impl(recipe.conv_impl, jax.devices()[0].platform)
-    return get_model(recipe.model, conv_impl=impl, dropout_impl=recipe.dropout_impl, **overrides)
+    if conv_impl is not None:
+        recipe = dataclasses.replace(recipe, conv_impl=conv_impl)
+    return make_model(recipe, jax.devices()[0].platform)
 
 
 def variables_of(run: Run) -> dict:
@@ -55,7 +54,9 @@ def log_probabilities_fn(model: S7Net):
     return apply
 
 
-def log_probabilities(model: S7Net, variables: dict, images_uint8: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def log_probabilities(
+    model: S7Net, variables: dict, images_uint8: np.ndarray, batch_size: int = 1000
+) -> np.ndarray:
     """Log-probabilities of every image, float32 (N, 10); one compiled batch shape (the last batch padded)."""
     apply = jax.jit(log_probabilities_fn(model))
     n = len(images_uint8)
@@ -126,18 +127,24 @@ class Evaluation:
 
     def summary(self) -> dict:
         return {
-            "run_dir": self.run_dir, "checkpoint": self.checkpoint, "epoch": self.epoch,
-            "examples": int(len(self.labels)), "loss": self.loss, "accuracy": self.accuracy,
+            "run_dir": self.run_dir,
+            "checkpoint": self.checkpoint,
+            "epoch": self.epoch,
+            "examples": int(len(self.labels)),
+            "loss": self.loss,
+            "accuracy": self.accuracy,
             "errors": int(np.sum(self.predicted != self.labels)),
             "per_class_accuracy": {str(c): a for c, a in enumerate(self.per_class_accuracy)},
             "confusion": self.confusion.tolist(),
-        }  # fmt: skip
+        }
 
 
 def evaluate_run(run: Run, checkpoint: str | int, images_uint8: np.ndarray, labels: np.ndarray) -> Evaluation:
     model = inference_model(run.recipe)
     logp = log_probabilities(model, variables_of(run), images_uint8, run.recipe.eval_batch_size)
-    return Evaluation(str(run.out), str(checkpoint), run.epoch, np.asarray(labels, np.int64), logp, images_uint8)
+    return Evaluation(
+        str(run.out), str(checkpoint), run.epoch, np.asarray(labels, np.int64), logp, images_uint8
+    )
 
 
 def evaluation_paths(run_dir: str | os.PathLike, checkpoint: str | int) -> tuple[Path, Path]:
@@ -186,7 +193,9 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         with np.load(path) as stored:
             missing = [f for f in fields if f not in stored]
             if missing:
-                raise JaxMnistError(f"{path}: not a predictions file of jax-mnist evaluate (missing {missing})")
+                raise JaxMnistError(
+                    f"{path}: not a predictions file of jax-mnist evaluate (missing {missing})"
+                )
             values = {f: stored[f] for f in fields}
     except FileNotFoundError:
         raise JaxMnistError(f"{path}: no such file (make it with: jax-mnist evaluate RUN_DIR)") from None
@@ -227,7 +236,10 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         gray = 255 - gray
         notes.append("inverted (dark digit on a light background)")
     if gray.shape != (MNIST_SIZE, MNIST_SIZE):
-        notes.append(f"resized from {gray.shape[1]}x{gray.shape[0]} as MNIST was (ink fitted to 20x20, centred by mass)")
+        notes.append(
+            f"resized from {gray.shape[1]}x{gray.shape[0]} as MNIST was (ink fitted to 20x20, centred by "
+            "mass)"
+        )
         gray = _fit_like_mnist(gray)
     return gray[:, :, None], notes
 

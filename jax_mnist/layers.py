@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -113,12 +113,16 @@ def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ho, wo = h - kh + 1, w - kw + 1
     if kh == h and kw == w:  # the kernel covers the whole input: a plain matmul
         return (x.reshape(n, h * w * cin) @ kernel.reshape(-1, cout)).reshape(n, 1, 1, cout)
-    patches = jnp.concatenate([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    patches = jnp.concatenate(
+        [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
     return (patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(n, ho, wo, cout)
 
 
 def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 CONV_IMPLS = {"im2col": conv_im2col, "xla": conv_xla}
@@ -203,5 +207,3 @@ class Dropout(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         return DROPOUT_IMPLS[self.impl](self.rate, deterministic=not train)(x)
-
-

@@ -103,7 +103,7 @@ def _describe(low, high, low_in, high_in) -> str:
     return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
 
 
-def _problem(recipe: "Recipe") -> str | None:
+def _problem(recipe: Recipe) -> str | None:
     hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(Recipe):
         value, kind = getattr(recipe, f.name), hints[f.name]
@@ -116,13 +116,18 @@ def _problem(recipe: "Recipe") -> str | None:
         if kind is bool and not isinstance(value, bool):
             return f"{f.name} must be true or false, found {value!r}"
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
-            return f"{f.name} must be {', '.join(_CHOICES[f.name][:-1])} or {_CHOICES[f.name][-1]}, found {value!r}"
+            *others, last = _CHOICES[f.name]
+            return f"{f.name} must be {', '.join(others)} or {last}, found {value!r}"
         if f.name in _RANGES:
             low, high, low_in, high_in = _RANGES[f.name]
-            inside = math.isfinite(value) and (low <= value if low_in else low < value) and (
-                value <= high if high_in else value < high)  # fmt: skip
+            inside = (
+                math.isfinite(value)
+                and (low <= value if low_in else low < value)
+                and (value <= high if high_in else value < high)
+            )
             if not inside:
-                return f"{f.name} must be {'a finite number ' if kind is not int else ''}{_describe(*_RANGES[f.name])}, found {value!r}"
+                finite = "a finite number " if kind is not int else ""
+                return f"{f.name} must be {finite}{_describe(*_RANGES[f.name])}, found {value!r}"
     if recipe.model not in MODEL_NAMES:
         return f"model must be one of {', '.join(MODEL_NAMES)}, found {recipe.model!r}"
     if recipe.base_momentum > recipe.max_momentum:
@@ -134,7 +139,9 @@ def _problem(recipe: "Recipe") -> str | None:
 
 _ORIGINAL_LR = {name: 0.01 for name in ORIGINAL_MODEL_NAMES} | {"model_8_dropout_maxpool": 0.1}
 
-RECIPES: dict[str, Recipe] = {name: Recipe(name=name, model=name, lr=_ORIGINAL_LR[name]) for name in ORIGINAL_MODEL_NAMES}
+RECIPES: dict[str, Recipe] = {
+    name: Recipe(name=name, model=name, lr=_ORIGINAL_LR[name]) for name in ORIGINAL_MODEL_NAMES
+}
 RECIPES["final"] = Recipe(
     name="final",
     model="model_8_dropout_maxpool",
@@ -160,8 +167,9 @@ RECIPES["final_onecycle"] = dataclasses.replace(
 )
 # Model 8 trained better (docs/accuracy.md, chosen by screening on seed 11): final_onecycle with
 # a random translation of up to 5 % of the image besides the rotation of +-7 degrees.
-RECIPES["final_translate"] = dataclasses.replace(RECIPES["final_onecycle"], name="final_translate", augment="affine",
-                                                 translate=0.05)  # fmt: skip
+RECIPES["final_translate"] = dataclasses.replace(
+    RECIPES["final_onecycle"], name="final_translate", augment="affine", translate=0.05
+)
 # This project's own nets (docs/accuracy.md): final_onecycle's schedule, with the augmentation
 # chosen by screening on seed 11 (rotation +-10 degrees, translation 10 %, no dropout).
 _OURS = {"augment": "affine", "degrees": 10.0, "translate": 0.1, "dropout_rate": 0.0}
@@ -169,7 +177,9 @@ RECIPES["ours_8k"] = dataclasses.replace(RECIPES["final_onecycle"], name="ours_8
 RECIPES["ours_5k"] = dataclasses.replace(RECIPES["final_onecycle"], name="ours_5k", model="ours_5k", **_OURS)
 # ours_8k with a random scale of 0.9-1.1 besides (screened on seed 11: 99.49/99.46/99.54 over
 # epochs 13-15 vs ours_8k's 99.48/99.50/99.48).
-RECIPES["ours_8k_scale"] = dataclasses.replace(RECIPES["ours_8k"], name="ours_8k_scale", scale_min=0.9, scale_max=1.1)
+RECIPES["ours_8k_scale"] = dataclasses.replace(
+    RECIPES["ours_8k"], name="ours_8k_scale", scale_min=0.9, scale_max=1.1
+)
 RECIPE_NAMES = tuple(RECIPES)
 
 
@@ -193,7 +203,9 @@ def _parse(field: dataclasses.Field, text: str):
     try:
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{field.name} takes {_ARTICLE.get(kind, 'a')} {kind.__name__}, found {text!r}") from None
+        raise ConfigError(
+            f"{field.name} takes {_ARTICLE.get(kind, 'a')} {kind.__name__}, found {text!r}"
+        ) from None
 
 
 def with_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
@@ -201,6 +213,8 @@ def with_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(overrides) - set(fields) - {"name"})
     if unknown:
-        raise ConfigError(f"unknown recipe field(s) {unknown}; valid: {', '.join(f for f in fields if f != 'name')}")
+        raise ConfigError(
+            f"unknown recipe field(s) {unknown}; valid: {', '.join(f for f in fields if f != 'name')}"
+        )
     parsed = {k: _parse(fields[k], v) if isinstance(v, str) else v for k, v in overrides.items()}
     return dataclasses.replace(recipe, **parsed)

@@ -13,9 +13,9 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,13 +30,29 @@ LAST = 3  # ... held in each of the last LAST epochs
 
 # The original README's best test accuracy per run (shared/spec/s7_study.md, "Reported results").
 ORIGINAL_BEST_TEST = {
-    "model_1_setup": 99.11, "model_2_skeleton": 98.9, "model_3_lighter_model": 98.6, "model_4_batchnorm": 98.96,
-    "model_5_regularization": 98.92, "model_6_gap": 98.97, "model_7_max_capacity": 99.3,
-    "model_8_dropout_maxpool": 99.3, "final": 99.43,
-}  # fmt: skip
+    "model_1_setup": 99.11,
+    "model_2_skeleton": 98.9,
+    "model_3_lighter_model": 98.6,
+    "model_4_batchnorm": 98.96,
+    "model_5_regularization": 98.92,
+    "model_6_gap": 98.97,
+    "model_7_max_capacity": 99.3,
+    "model_8_dropout_maxpool": 99.3,
+    "final": 99.43,
+}
 # The original's walk, each step against the one before it; then this project's recipe.
-WALK = ("model_1_setup", "model_2_skeleton", "model_3_lighter_model", "model_4_batchnorm", "model_5_regularization",
-        "model_6_gap", "model_7_max_capacity", "model_8_dropout_maxpool", "final", "final_onecycle")  # fmt: skip
+WALK = (
+    "model_1_setup",
+    "model_2_skeleton",
+    "model_3_lighter_model",
+    "model_4_batchnorm",
+    "model_5_regularization",
+    "model_6_gap",
+    "model_7_max_capacity",
+    "model_8_dropout_maxpool",
+    "final",
+    "final_onecycle",
+)
 FIGURES = ("curves.png", "misclassified.png", "confusion.png")
 # The run whose test-set errors are drawn, when none is named: the project's best recipe.
 DEFAULT_EVALUATED_RUN = "final_onecycle/seed-1"
@@ -128,8 +144,9 @@ def one_identity(name: str, runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tup
         if other == key:
             continue
         differences = identity_differences(members[0].identity, kept[0].identity)
-        why = "another run: " + ", ".join(f"{k.removeprefix('recipe.')} {old!r} (the row: {new!r})"
-                                          for k, (old, new) in differences.items())
+        why = "another run: " + ", ".join(
+            f"{k.removeprefix('recipe.')} {old!r} (the row: {new!r})" for k, (old, new) in differences.items()
+        )
         left_out += [(run.seed, why) for run in members]
     return kept, tuple(left_out)
 
@@ -161,7 +178,9 @@ def _mean_and_range(values: Sequence[float]) -> str:
 
 def _epochs_cell(result: RecipeResult) -> str:
     ran = sorted({r.epochs for r in result.runs}) or [result.planned_epochs]
-    cells = [f"{e}" if e == result.planned_epochs else f"{e} (of {result.planned_epochs}, shortened)" for e in ran]
+    cells = [
+        f"{e}" if e == result.planned_epochs else f"{e} (of {result.planned_epochs}, shortened)" for e in ran
+    ]
     if result.train_examples != MNIST_TRAIN_EXAMPLES:
         cells.append(f"on {result.train_examples:,} training examples")
     return ", ".join(cells)
@@ -198,29 +217,46 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
             rows.append(head + [_epochs_cell(res), _seeds_cell(res)] + ["—"] * 6 + [original_cell])
             continue
         last, minima = res.last, res.window_minima
-        rows.append(head + [
-            _epochs_cell(res),
-            _seeds_cell(res),
-            f"{last[0]:.2f} (one seed)" if len(last) == 1 else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
-            _mean_and_range([max(r.test_accuracies) for r in res.finished]),
-            ", ".join(f"{m:.2f}" for m in minima),
-            f"{res.held}/{len(res.finished)}",
-            f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
-            _time_cell(res),
-            original_cell,
-        ])  # fmt: skip
+        rows.append(
+            head
+            + [
+                _epochs_cell(res),
+                _seeds_cell(res),
+                f"{last[0]:.2f} (one seed)"
+                if len(last) == 1
+                else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+                _mean_and_range([max(r.test_accuracies) for r in res.finished]),
+                ", ".join(f"{m:.2f}" for m in minima),
+                f"{res.held}/{len(res.finished)}",
+                f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
+                _time_cell(res),
+                original_cell,
+            ]
+        )
     return rows
 
 
 TABLE_HEADER = [
-    "recipe", "model", "params", "RF", "epochs", "seeds", "test % at the last epoch: mean ± std (min)",
-    "best test %: mean (min-max)", f"per seed: min test % over the last {LAST} epochs", f"seeds ≥ {TARGET} in each of the last {LAST}",
-    "train % at the last epoch (mean)", "seconds per epoch and seed (median), device", "original README: best test %",
-]  # fmt: skip
+    "recipe",
+    "model",
+    "params",
+    "RF",
+    "epochs",
+    "seeds",
+    "test % at the last epoch: mean ± std (min)",
+    "best test %: mean (min-max)",
+    f"per seed: min test % over the last {LAST} epochs",
+    f"seeds ≥ {TARGET} in each of the last {LAST}",
+    "train % at the last epoch (mean)",
+    "seconds per epoch and seed (median), device",
+    "original README: best test %",
+]
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def walk_rows(results: Sequence[RecipeResult]) -> list[list[str]]:
@@ -236,16 +272,26 @@ def walk_rows(results: Sequence[RecipeResult]) -> list[list[str]]:
             continue
         difference = statistics.mean(b) - statistics.mean(a)
         if len(a) < 2 or len(b) < 2:
-            rows.append([step, f"{difference:+.2f}", "—", f"one seed on a side ({len(a)} vs {len(b)}): cannot tell"])
+            rows.append(
+                [step, f"{difference:+.2f}", "—", f"one seed on a side ({len(a)} vs {len(b)}): cannot tell"]
+            )
             continue
         error = math.sqrt(_std(a) ** 2 / len(a) + _std(b) ** 2 / len(b))
-        verdict = "within seed noise" if abs(difference) < 2 * error else ("better" if difference > 0 else "worse")
-        rows.append([step, f"{difference:+.2f}", f"{2 * error:.2f}", f"{verdict} ({len(a)} vs {len(b)} seeds)"])
+        verdict = (
+            "within seed noise" if abs(difference) < 2 * error else ("better" if difference > 0 else "worse")
+        )
+        rows.append(
+            [step, f"{difference:+.2f}", f"{2 * error:.2f}", f"{verdict} ({len(a)} vs {len(b)} seeds)"]
+        )
     return rows
 
 
-def render_markdown(study_dir: str | os.PathLike, figures_dir: str | os.PathLike, relative_to: str | os.PathLike,
-                    evaluated_run: str = DEFAULT_EVALUATED_RUN) -> str:  # fmt: skip
+def render_markdown(
+    study_dir: str | os.PathLike,
+    figures_dir: str | os.PathLike,
+    relative_to: str | os.PathLike,
+    evaluated_run: str = DEFAULT_EVALUATED_RUN,
+) -> str:
     """The report as Markdown; figure links are relative to the directory ``relative_to``."""
     from jax_mnist.summary import summarize
 
@@ -254,7 +300,8 @@ def render_markdown(study_dir: str | os.PathLike, figures_dir: str | os.PathLike
     link = Path(os.path.relpath(Path(figures_dir), Path(relative_to))).as_posix()
     evaluated = _evaluated(study_dir, evaluated_run)
     lines = [
-        f"Made by `jax-mnist report {Path(study_dir).as_posix()}` from `config.json` and `metrics.jsonl` of each "
+        f"Made by `jax-mnist report {Path(study_dir).as_posix()}` from `config.json` and `metrics.jsonl` "
+        "of each "
         "run directory (nothing typed in). Test accuracy is over the 10,000 test images after each epoch; "
         "figures are over the finished seeds only; the train accuracy is the running one of the last epoch "
         "(dropout on), as the original logged it. A recipe with no finished seed shows no figures.",
@@ -270,8 +317,10 @@ def render_markdown(study_dir: str | os.PathLike, figures_dir: str | os.PathLike
         "",
     ]
     if evaluated is None:
-        lines.append(f"No evaluation of `{evaluated_run}` yet, so no `misclassified.png` and `confusion.png`: make "
-                     f"it with `jax-mnist evaluate {Path(study_dir).as_posix()}/{evaluated_run}`.")  # fmt: skip
+        lines.append(
+            f"No evaluation of `{evaluated_run}` yet, so no `misclassified.png` and `confusion.png`: make "
+            f"it with `jax-mnist evaluate {Path(study_dir).as_posix()}/{evaluated_run}`."
+        )
     else:
         predictions, _ = evaluated
         lines += [
@@ -330,11 +379,17 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     for res in (r for r in results if r.finished):
         epochs, values = _per_epoch(res.finished, "test_accuracy")
         colour = colour_of[res.name]
-        test_axes.plot(epochs, values.mean(0), color=colour, lw=1.6, label=f"{res.name} ({len(values)} seeds)")
+        test_axes.plot(
+            epochs, values.mean(0), color=colour, lw=1.6, label=f"{res.name} ({len(values)} seeds)"
+        )
         test_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
     test_axes.axhline(TARGET, color="black", ls="--", lw=1)
-    test_axes.set(title="Test accuracy per epoch: seed mean, band from min to max",
-                  xlabel="epoch", ylabel="test accuracy (%)", ylim=(97.0, 99.8))  # fmt: skip
+    test_axes.set(
+        title="Test accuracy per epoch: seed mean, band from min to max",
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+        ylim=(97.0, 99.8),
+    )
     test_axes.legend(fontsize=7, loc="lower right", ncol=2)
     test_axes.grid(alpha=0.3)
     for res in (r for r in results if r.name in ("final", "final_onecycle") and r.finished):
@@ -345,8 +400,12 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
             final_axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
             final_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
     final_axes.axhline(TARGET, color="black", ls="--", lw=1)
-    final_axes.set(title="Final recipes: train (dotted; running, dropout on) vs test", xlabel="epoch",
-                   ylabel="accuracy (%)", ylim=(97.5, 99.8))  # fmt: skip
+    final_axes.set(
+        title="Final recipes: train (dotted; running, dropout on) vs test",
+        xlabel="epoch",
+        ylabel="accuracy (%)",
+        ylim=(97.5, 99.8),
+    )
     if final_axes.lines[1:]:
         final_axes.legend(fontsize=8, loc="lower right")
     final_axes.grid(alpha=0.3)
@@ -386,17 +445,27 @@ def draw_confusion(predictions, title: str, path: Path) -> None:
             count = matrix[true, predicted]
             if count:
                 diagonal = true == predicted
-                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=7,
-                        color="black" if diagonal or off_diagonal[true, predicted] < off_diagonal.max() / 2 else "white",
-                        weight="bold" if diagonal else "normal")  # fmt: skip
+                ax.text(
+                    predicted,
+                    true,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black"
+                    if diagonal or off_diagonal[true, predicted] < off_diagonal.max() / 2
+                    else "white",
+                    weight="bold" if diagonal else "normal",
+                )
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
     figure.colorbar(image, ax=ax, label="errors (off the diagonal)")
     figure.tight_layout()
     _save(figure, path)
 
 
-def write_figures(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  evaluated_run: str = DEFAULT_EVALUATED_RUN) -> list[Path]:  # fmt: skip
+def write_figures(
+    study_dir: str | os.PathLike, out_dir: str | os.PathLike, evaluated_run: str = DEFAULT_EVALUATED_RUN
+) -> list[Path]:
     results = collect(read_study(study_dir))  # a missing study is an error before anything is made
     out = Path(out_dir)
     try:
@@ -409,8 +478,11 @@ def write_figures(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if evaluated is not None:
         predictions, _ = evaluated
         errors = len(predictions.misclassified_index)
-        draw_misclassified(predictions, f"{evaluated_run}, epoch {predictions.epoch}: {errors} errors",
-                           out / "misclassified.png")  # fmt: skip
+        draw_misclassified(
+            predictions,
+            f"{evaluated_run}, epoch {predictions.epoch}: {errors} errors",
+            out / "misclassified.png",
+        )
         draw_confusion(predictions, f"{evaluated_run}, epoch {predictions.epoch}", out / "confusion.png")
         written += [out / "misclassified.png", out / "confusion.png"]
     return written

@@ -14,21 +14,25 @@ and their digests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from jax_mnist import hosts
 from jax_mnist.data import Mnist
-from jax_mnist.engine import Engine, seed_slice, steps_per_epoch
+from jax_mnist.engine import ProgramConfig, Programs, means, programs_for, seed_slice, steps_per_epoch
 from jax_mnist.recipes import Recipe
 from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity
+from jax_mnist.streams import RunKeys
 
 
 def load_run(out_dir, checkpoint="last"):
@@ -38,7 +42,11 @@ def load_run(out_dir, checkpoint="last"):
 
     from jax_mnist import rundir
 
-    warnings.warn("jax_mnist.run.load_run is deprecated: use jax_mnist.rundir.load_run", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "jax_mnist.run.load_run is deprecated: use jax_mnist.rundir.load_run",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return rundir.load_run(out_dir, checkpoint)
 
 
@@ -46,39 +54,104 @@ class NonFiniteLoss(RunError):
     pass
 
 
-class _Progress:
-    """A one-line status and progress bar on a terminal (stderr), updated from Python between the
-    compiled chunks of an epoch: steps, images/s, time left in the epoch, running loss. Silent
-    when stderr is not a terminal (logs keep only the per-epoch lines)."""
+class Progress:
+    """Progress of an epoch on a terminal (stderr, a tqdm bar), updated from Python between the
+    compiled chunks of an epoch: steps, rate, time left in the epoch, running loss. Silent when
+    stderr is not a terminal (logs keep only the per-epoch lines)."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, images_per_step: int, enabled: bool | None = None):
-        self.epochs, self.total, self.images_per_step = epochs, steps_per_epoch, images_per_step
+    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool | None = None):
+        self.epochs, self.total = epochs, steps_per_epoch
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.label, self.started = "", time.monotonic()
-
-    def _show(self, text: str) -> None:
-        if self.enabled:
-            print("\r\033[K" + text, end="", file=sys.stderr, flush=True)
+        self.bar: tqdm.tqdm | None = None
+        self.done = 0
 
     def start_epoch(self, epoch: int, first_in_process: bool) -> None:
-        self.label, self.started = f"epoch {epoch + 1}/{self.epochs}", time.monotonic()
-        doing = "compiling the training step (once per process), then training" if first_in_process else "training"
-        self._show(f"{self.label}: {doing}")
+        self.close()
+        doing = "compiling, then training" if first_in_process else "training"
+        self.bar = tqdm.tqdm(
+            total=self.total,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            unit="step",
+            file=sys.stderr,
+            disable=not self.enabled,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.bar.set_postfix_str(doing)
+        self.done = 0
 
     def status(self, text: str) -> None:
-        self._show(f"{self.label}: {text}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
 
     def __call__(self, steps_done: int, totals: dict) -> None:
-        elapsed = time.monotonic() - self.started
-        rate = steps_done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - steps_done) / rate if rate else float("nan")
         loss = float(np.sum(totals["loss_sum"]) / max(int(np.sum(totals["count"])), 1))
-        filled = 30 * steps_done // self.total
-        self._show(f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {steps_done}/{self.total} steps, "
-                   f"{rate * self.images_per_step:,.0f} images/s, {left:.0f} s left, loss {loss:.4f}")  # fmt: skip
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            self.bar.update(steps_done - self.done)
+            self.bar.refresh()  # chunks are seconds apart: show each one (tqdm would skip quick updates)
+        self.done = steps_done
 
     def close(self) -> None:
-        self._show("")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def train_epoch(
+    programs: Programs,
+    states,
+    train_set,
+    keys: RunKeys,
+    epoch: int,
+    progress: Callable[[int, dict], None] | None = None,
+    chunks: int = 10,
+):
+    """One pass of every seed over the (placed) training set ``(images, labels)``.
+
+    ``states``/``keys`` are stacked on a leading seed axis (``Programs.init_seeds``); ``states``
+    is donated. The epoch is the shuffle, then ``chunks`` calls of the epoch-chunk program and the
+    short last batch; the host reads each chunk's metrics after the next one is queued.
+    Returns (states, per-seed summed metrics as numpy arrays). ``progress``, if given, is called
+    after each chunk with the steps done and the metrics so far.
+    """
+    images, labels = train_set
+    n = labels.shape[0]
+    orders = programs.shuffle(keys.shuffle, jnp.asarray(epoch, jnp.int32))
+    totals, pending = None, None  # pending: the previous chunk's metrics, read after the next is queued
+
+    def add(totals, sums, steps_done):
+        sums = hosts.to_host(sums)  # waits for that chunk
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+        if progress is not None:
+            progress(steps_done, totals)
+        return totals
+
+    for first, last in programs.chunks(n, chunks):
+        states, sums = programs.train_chunk(
+            states,
+            images,
+            labels,
+            orders,
+            keys.step,
+            jnp.asarray(first, jnp.int32),
+            jnp.asarray(last, jnp.int32),
+        )
+        if pending is not None:
+            totals = add(totals, *pending)
+        pending = (sums, last)
+    if n % programs.batch_size:
+        states, sums = programs.train_last(states, images, labels, orders, keys.step)
+        if pending is not None:
+            totals = add(totals, *pending)
+        pending = (sums, steps_per_epoch(n, programs.batch_size))
+    return states, add(totals, *pending)
+
+
+def evaluate_seeds(programs: Programs, states, test_set) -> list[dict[str, float]]:
+    """Mean loss, accuracy (%) and count of each seed of stacked ``states`` on ``(images, labels)``."""
+    sums = hosts.to_host(programs.evaluate(states.params, states.batch_stats, *test_set))
+    return [means(seed_slice(sums, k)) for k in range(len(sums["count"]))]
 
 
 def train(
@@ -97,8 +170,15 @@ def train(
     Returns the metrics of every epoch (including those of a resumed run's earlier part).
     """
     hook = None if on_epoch_end is None else (lambda seed, row: on_epoch_end(row))
-    histories = train_seeds(recipe, data, {seed: out_dir}, resume=resume, train_examples=train_examples,
-                            log=log, on_epoch_end=hook)  # fmt: skip
+    histories = train_seeds(
+        recipe,
+        data,
+        {seed: out_dir},
+        resume=resume,
+        train_examples=train_examples,
+        log=log,
+        on_epoch_end=hook,
+    )
     return histories[seed]
 
 
@@ -139,55 +219,92 @@ def train_seeds(
     if not 1 <= train_examples <= num_train:
         raise RunError(f"--train-examples must be between 1 and {num_train}, found {train_examples}")
     if recipe.batch_size > train_examples:
-        raise RunError(f"batch size {recipe.batch_size} is larger than the {train_examples} training examples")
+        raise RunError(
+            f"batch size {recipe.batch_size} is larger than the {train_examples} training examples"
+        )
     if not hosts.is_main():  # process 0 of a multi-process run prints, and alone reads and writes the runs
-        log, progress = (lambda message: None), False
-    engine = Engine.from_recipe(recipe, train_examples)
+        log, progress = hosts.main_only(log), False
+    programs = functools.partial(_programs, recipe, train_examples)
     with contextlib.ExitStack() as stack:
-        runs = _shared_runs(lambda: _open_runs(stack, engine, recipe, run_dirs, resume, train_examples, log), run_dirs)
-        train_set = engine.put_shared((data.train_images[:train_examples], data.train_labels[:train_examples]))
-        test_set = engine.put_shared((data.test_images, data.test_labels))
+        runs = _shared_runs(
+            lambda: _open_runs(stack, programs(1), recipe, run_dirs, resume, train_examples, log), run_dirs
+        )
+        # The data sets are placed alike for every number of seeds.
+        train_set = programs(1).place_data(
+            (data.train_images[:train_examples], data.train_labels[:train_examples])
+        )
+        test_set = programs(1).place_data((data.test_images, data.test_labels))
         groups: dict[int, list[RunDir]] = {}
         for run in runs:
             if run.start_epoch >= recipe.epochs:
                 log(f"seed {run.seed}: all {recipe.epochs} epochs are done in {run.out}")
             else:
                 groups.setdefault(run.start_epoch, []).append(run)
-        try:
+        with hosts.peer_loss_stops_the_run():
             for start_epoch, group in sorted(groups.items()):
-                _train_group(engine, recipe, group, start_epoch, train_set, test_set, log, on_epoch_end, progress,
-                             name_seeds=len(runs) > 1)  # fmt: skip
-        except Exception as e:  # noqa: BLE001  (the runtime raises its own types when a peer is gone)
-            if not hosts.peer_lost(e):
-                raise
-            raise PeerLost(f"{hosts.describe()}: another process of this run stopped ({str(e).splitlines()[0][:200]}). "
-                           f"Every finished epoch is checkpointed: start all {hosts.count()} processes again "
-                           "with --resume") from None  # fmt: skip
+                _train_group(
+                    programs(len(group)),
+                    recipe,
+                    group,
+                    start_epoch,
+                    train_set,
+                    test_set,
+                    log,
+                    on_epoch_end,
+                    progress,
+                    name_seeds=len(runs) > 1,
+                )
     return {run.seed: run.history for run in runs}
 
 
-class PeerLost(RunError):
-    """Another process of a multi-process run stopped (killed, crashed, or its host went away)."""
+PeerLost = hosts.PeerLost  # where it was raised before jax_mnist.hosts held every process concern
 
 
-def _open_runs(stack: contextlib.ExitStack, engine: Engine, recipe: Recipe, run_dirs: Mapping[int, str | os.PathLike],
-               resume: bool, train_examples: int, log) -> list[RunDir]:
+def _programs(recipe: Recipe, train_examples: int, seeds: int) -> Programs:
+    return programs_for(ProgramConfig(recipe, train_examples, seeds))
+
+
+def _open_runs(
+    stack: contextlib.ExitStack,
+    programs: Programs,
+    recipe: Recipe,
+    run_dirs: Mapping[int, str | os.PathLike],
+    resume: bool,
+    train_examples: int,
+    log,
+) -> list[RunDir]:
     """Every run directory checked, then each opened (locked, restored) for the life of ``stack``."""
     plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
-    started = {seed for seed, (out, _) in plans.items() if out.is_dir() and any(p.name != ".lock" for p in out.iterdir())}
+    started = {
+        seed
+        for seed, (out, _) in plans.items()
+        if out.is_dir() and any(p.name != ".lock" for p in out.iterdir())
+    }
     if resume and len(plans) > 1 and not started:
-        raise RunError(f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
-                       "nothing to resume (drop --resume to start the runs)")
+        raise RunError(
+            f"none of the run directories exists yet ({', '.join(str(out) for out, _ in plans.values())}): "
+            "nothing to resume (drop --resume to start the runs)"
+        )
     # With --resume, seeds of a multi-seed run that have not started yet start now.
-    previous = {seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
-                for seed, (out, identity) in plans.items()}
+    previous = {
+        seed: check_run_dir(out, identity, resume and (seed in started or len(plans) == 1), recipe.schedule)
+        for seed, (out, identity) in plans.items()
+    }
     # The state's structure, to restore checkpoints into: traced only when something is resumed.
-    like = jax.eval_shape(engine.init, jax.random.key(0)) if any(p is not None for p in previous.values()) else None
-    return [stack.enter_context(RunDir.open(seed, out, identity, previous[seed], like, log))
-            for seed, (out, identity) in plans.items()]
+    like = (
+        jax.eval_shape(programs.init_state, jax.random.key(0))
+        if any(p is not None for p in previous.values())
+        else None
+    )
+    return [
+        stack.enter_context(RunDir.open(seed, out, identity, previous[seed], like, log))
+        for seed, (out, identity) in plans.items()
+    ]
 
 
-def _shared_runs(open_runs: Callable[[], list[RunDir]], run_dirs: Mapping[int, str | os.PathLike]) -> list[RunDir]:
+def _shared_runs(
+    open_runs: Callable[[], list[RunDir]], run_dirs: Mapping[int, str | os.PathLike]
+) -> list[RunDir]:
     """``open_runs()`` on the main process; every other process of a multi-process run learns where
     each seed starts (or the main process's error) and holds the runs without their files."""
     shared = hosts.from_main(open_runs, lambda runs: {str(run.seed): run.start_epoch for run in runs})
@@ -196,46 +313,68 @@ def _shared_runs(open_runs: Callable[[], list[RunDir]], run_dirs: Mapping[int, s
     return [RunDir.elsewhere(seed, Path(out), shared[str(seed)]) for seed, out in run_dirs.items()]
 
 
-def _restored_states(engine: Engine, group: list[RunDir]):
+def _restored_states(programs: Programs, group: list[RunDir]):
     """The restored states of ``group``'s seeds, stacked as numpy arrays (from the main process,
     which alone read them, on every process)."""
-    like = jax.eval_shape(engine.init, jax.random.key(0))
+    like = jax.eval_shape(programs.init_state, jax.random.key(0))
     empty = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like)
     per_seed = [empty if run.state is None else run.state for run in group]
-    return hosts.broadcast(jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_seed))
+    return hosts.broadcast(
+        jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_seed)
+    )
 
 
-def _train_group(engine: Engine, recipe: Recipe, group: list[RunDir], start_epoch: int, train_set, test_set,
-                 log, on_epoch_end, progress_enabled, name_seeds: bool) -> None:  # fmt: skip
+def _train_group(
+    programs: Programs,
+    recipe: Recipe,
+    group: list[RunDir],
+    start_epoch: int,
+    train_set,
+    test_set,
+    log,
+    on_epoch_end,
+    progress_enabled,
+    name_seeds: bool,
+) -> None:
     """Epochs ``start_epoch`` .. of the seeds in ``group``, stacked on one seed axis."""
     seeds = [run.seed for run in group]
-    states, keys = engine.init_seeds(seeds)
+    states, keys = programs.init_seeds(seeds)
     if start_epoch:
-        states = engine.put_seeds(_restored_states(engine, group))
+        states = programs.place_states(_restored_states(programs, group))
         for run in group:
-            log(f"seed {run.seed}: resumed from the checkpoint of epoch {start_epoch} in {run.out / 'checkpoints'}")
+            log(
+                f"seed {run.seed}: resumed from the checkpoint of epoch {start_epoch} in "
+                f"{run.out / 'checkpoints'}"
+            )
     train_examples = train_set[1].shape[0]
     per_epoch = steps_per_epoch(train_examples, recipe.batch_size)
-    bar = _Progress(recipe.epochs, per_epoch, recipe.batch_size * len(seeds), progress_enabled)
+    bar = Progress(recipe.epochs, per_epoch, progress_enabled)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
-        lr = engine.learning_rate(epoch * per_epoch)
+        lr = float(programs.learning_rate(jnp.asarray(epoch * per_epoch, jnp.int32)))
         bar.start_epoch(epoch, first_in_process=epoch == start_epoch)
-        states, sums = engine.train_epoch(states, *train_set, keys, epoch, progress=bar)
+        states, sums = train_epoch(programs, states, train_set, keys, epoch, progress=bar)
         train_losses = sums["loss_sum"] / sums["count"]
         bad = [(s, float(loss)) for s, loss in zip(seeds, train_losses) if not math.isfinite(loss)]
         if bad:
             bar.close()
             which = "" if len(seeds) == 1 else " for seed " + ", ".join(str(s) for s, _ in bad)
             kept = [f"{run.out / 'checkpoints'} (epoch {run.last_epoch})" for run in group if run.last_epoch]
-            where = (f"The last good checkpoints are kept: {', '.join(kept)}" if kept
-                     else "No checkpoint was written yet (this is its first epoch)")
-            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. {where}")
+            where = (
+                f"The last good checkpoints are kept: {', '.join(kept)}"
+                if kept
+                else "No checkpoint was written yet (this is its first epoch)"
+            )
+            raise NonFiniteLoss(
+                f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. {where}"
+            )
         bar.status(f"evaluating {len(seeds)} seed(s) on {test_set[1].shape[0]:,} test images")
-        tests = engine.evaluate_seeds(states, *test_set)
+        tests = evaluate_seeds(programs, states, test_set)
         epoch_seconds = round(time.perf_counter() - started, 3)
         bar.status("saving checkpoints")
-        saved = states if hosts.count() == 1 else hosts.to_host(states)  # states split over processes: gathered
+        saved = (
+            states if hosts.count() == 1 else hosts.to_host(states)
+        )  # states split over processes: gathered
         for k, run in enumerate(group):
             row = {
                 "epoch": epoch + 1,
@@ -248,9 +387,13 @@ def _train_group(engine: Engine, recipe: Recipe, group: list[RunDir], start_epoc
             }
             run.commit_epoch(row, seed_slice(saved, k))
             bar.close()
-            log(f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr {lr:.5f}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "
-                f"{row['epoch_seconds']:.1f} s")  # fmt: skip
+            log(
+                f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr "
+                f"{lr:.5f}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc "
+                f"{row['test_accuracy']:.2f}%  "
+                f"{row['epoch_seconds']:.1f} s"
+            )
             if on_epoch_end is not None:
                 on_epoch_end(run.seed, row)
     bar.close()

@@ -35,8 +35,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -128,7 +129,9 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError:
             raise RunError(f"{path}, line {number}: not JSON: {line[:60]!r}") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise RunError(f"{path}, line {number}: expected an epoch row with an integer 'epoch', found {line[:60]!r}")
+            raise RunError(
+                f"{path}, line {number}: expected an epoch row with an integer 'epoch', found {line[:60]!r}"
+            )
         rows.append(row)
     return rows
 
@@ -188,8 +191,11 @@ class RunRecord:
     def identity(self) -> dict:
         """What makes two seeds samples of one experiment: the whole recipe (its fields added
         later at their defaults) and the data, everything but the seed."""
-        recipe = {k.removeprefix("recipe."): v for k, v in {**_RECIPE_DEFAULTS, **_flat(self.config)}.items()
-                  if k.startswith("recipe.")}
+        recipe = {
+            k.removeprefix("recipe."): v
+            for k, v in {**_RECIPE_DEFAULTS, **_flat(self.config)}.items()
+            if k.startswith("recipe.")
+        }
         return {"recipe": recipe, "train_examples": self.train_examples}
 
 
@@ -252,7 +258,9 @@ def locked(out: Path):
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunError(f"{out} is in use by process {holder} (lock {lock}); wait for it or stop it") from None
+            raise RunError(
+                f"{out} is in use by process {holder} (lock {lock}); wait for it or stop it"
+            ) from None
         try:  # the holder we raced with may have removed the file: only the file at the path counts
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -296,8 +304,9 @@ def weights_like(recipe: Recipe) -> dict:
     return jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0))
 
 
-def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last",
-             warn: Callable[[str], None] | None = None) -> Run:
+def load_run(
+    out_dir: str | os.PathLike, checkpoint: str | int = "last", warn: Callable[[str], None] | None = None
+) -> Run:
     """A finished or interrupted run: its recipe, seed, metrics, and the verified weights of
     ``checkpoint``: "last" (the newest good checkpoint), "best" (best test accuracy) or an epoch.
 
@@ -317,11 +326,15 @@ def load_run(out_dir: str | os.PathLike, checkpoint: str | int = "last",
             break
         except CheckpointVanished:
             if attempt == 2:
-                raise RunError(f"{store.directory}: checkpoints were removed while they were read three times: "
-                               "a training is running in this directory; try again when it has finished") from None
+                raise RunError(
+                    f"{store.directory}: checkpoints were removed while they were read three times: "
+                    "a training is running in this directory; try again when it has finished"
+                ) from None
         finally:
             store.close()
-    state = TrainState(step=np.int32(step), params=weights["params"], batch_stats=weights["batch_stats"], opt_state=None)
+    state = TrainState(
+        step=np.int32(step), params=weights["params"], batch_stats=weights["batch_stats"], opt_state=None
+    )
     return Run(record.out, record.config, record.history, epoch=epoch, state=state)
 
 
@@ -344,7 +357,9 @@ def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, 
             if len(candidates) == 1 or checkpoint != "last":
                 raise
             warn(f"{e}; skipped (left as it is); trying the checkpoint before it")
-    raise RunError(f"{store.directory}: no checkpoint that restores and verifies (epochs {epochs}); nothing was changed")
+    raise RunError(
+        f"{store.directory}: no checkpoint that restores and verifies (epochs {epochs}); nothing was changed"
+    )
 
 
 # --------------------------------------------------------------------------- the writer
@@ -357,15 +372,19 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
     """
     if not out.exists():
         if resume:
-            raise RunError(f"{out}: no such run directory, so nothing to resume (drop --resume to start the run)")
+            raise RunError(
+                f"{out}: no such run directory, so nothing to resume (drop --resume to start the run)"
+            )
         return None
     if not out.is_dir():
         raise RunError(f"{out}: not a directory")
     config_path = out / "config.json"
     if not config_path.exists():
         if any(p.name != ".lock" for p in out.iterdir()):  # a lock file alone: a run killed at its start
-            raise RunError(f"{out}: not empty and not a jax-mnist run (no config.json); refusing to write "
-                           "into it: choose another --out")
+            raise RunError(
+                f"{out}: not empty and not a jax-mnist run (no config.json); refusing to write "
+                "into it: choose another --out"
+            )
         if resume:
             raise RunError(f"{out}: empty, so nothing to resume (drop --resume to start the run)")
         return None
@@ -377,9 +396,14 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
     extending = set(differences) <= _EXTENDABLE and schedule != "onecycle"
     if differences and not (extending and differences["recipe.epochs"][1] >= differences["recipe.epochs"][0]):
         listed = "; ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items())
-        why = (" (a OneCycle schedule depends on the number of epochs, so more epochs is another run)"
-               if set(differences) <= _EXTENDABLE else "")
-        raise RunError(f"{out} holds a different run ({listed}){why}; refusing to overwrite it: choose another --out")
+        why = (
+            " (a OneCycle schedule depends on the number of epochs, so more epochs is another run)"
+            if set(differences) <= _EXTENDABLE
+            else ""
+        )
+        raise RunError(
+            f"{out} holds a different run ({listed}){why}; refusing to overwrite it: choose another --out"
+        )
     if not resume:
         raise RunError(f"{out} already holds this run; pass --resume to continue it, or choose another --out")
     return previous
@@ -399,7 +423,7 @@ class RunDir:
         self.best = CheckpointStore(self.out, "best", writable=True, keep=1) if local else None
 
     @classmethod
-    def elsewhere(cls, seed: int, out: Path, start_epoch: int) -> "RunDir":
+    def elsewhere(cls, seed: int, out: Path, start_epoch: int) -> RunDir:
         """A seed's run as seen by a process other than the one writing its directory."""
         run = cls(seed, out, local=False)
         run.start_epoch = start_epoch
@@ -407,7 +431,9 @@ class RunDir:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, seed: int, out: Path, identity: dict, previous: dict | None, like, log: Callable[[str], None]):
+    def open(
+        cls, seed: int, out: Path, identity: dict, previous: dict | None, like, log: Callable[[str], None]
+    ):
         """The run directory of one seed for the life of the block. ``previous``: its config
         (from ``check_run_dir``) when it continues a run; ``like``: the train state's structure."""
         try:
@@ -451,21 +477,27 @@ class RunDir:
             except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
                 unusable.append((epoch, str(e)))
         if found is None and rows:
-            raise RunError(f"{self.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "
-                           f"{len(rows)} epochs recorded in metrics.jsonl: nothing was changed; start the run again "
-                           "in another --out")
+            raise RunError(
+                f"{self.out / 'checkpoints'}: no checkpoint restores, and starting over would drop the "
+                f"{len(rows)} epochs recorded in metrics.jsonl: nothing was changed; start the run again "
+                "in another --out"
+            )
         epoch, state, record = found if found is not None else (0, None, None)
         history = record["history"] if record is not None else [r for r in rows if r["epoch"] <= epoch]
         if [r["epoch"] for r in history] != list(range(1, epoch + 1)):
-            raise RunError(f"{self.out / 'metrics.jsonl'} records epochs {[r['epoch'] for r in history]} but the "
-                           f"checkpoints reach epoch {epoch}: resuming would lose that history; restore the file, "
-                           "or start the run again in another --out")
+            raise RunError(
+                f"{self.out / 'metrics.jsonl'} records epochs {[r['epoch'] for r in history]} but the "
+                f"checkpoints reach epoch {epoch}: resuming would lose that history; restore the file, "
+                "or start the run again in another --out"
+            )
         kept = rows[: len(history)]
         if record is not None and kept != history[: len(kept)]:
             differs = next(r["epoch"] for r, h in zip(kept, history) if r != h)
-            raise RunError(f"{self.out / 'metrics.jsonl'}: epoch {differs} differs from what the checkpoint of epoch "
-                           f"{epoch} recorded: nothing was changed; restore the file, or start the run again in "
-                           "another --out")
+            raise RunError(
+                f"{self.out / 'metrics.jsonl'}: epoch {differs} differs from what the checkpoint of epoch "
+                f"{epoch} recorded: nothing was changed; restore the file, or start the run again in "
+                "another --out"
+            )
         for bad, why in unusable:
             moved = self.last.move_aside(bad, why)
             self.log(f"warning: {why}; moved to {moved}; continuing from the checkpoint before it")
@@ -473,14 +505,27 @@ class RunDir:
         if rows != history:  # a commit whose metrics.jsonl was not rewritten yet, or epochs to run again
             write_metrics(self.out / "metrics.jsonl", history)
         if previous.get("recipe") != identity["recipe"]:  # extended to more epochs (check_run_dir allowed it)
-            write_atomically(self.out / "config.json", json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n")
+            write_atomically(
+                self.out / "config.json",
+                json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n",
+            )
         best = max(history, key=lambda r: r["test_accuracy"], default=None)
-        if state is not None and best is not None and best["epoch"] == epoch and epoch not in self.best.epochs():
+        if (
+            state is not None
+            and best is not None
+            and best["epoch"] == epoch
+            and epoch not in self.best.epochs()
+        ):
             self.best.save(epoch, state, self._record(epoch, state))  # stopped between the two saves
 
     def _record(self, epoch: int, state) -> dict:
-        return {"format": FORMAT, "epoch": epoch, "step": int(np.asarray(state.step)), "history": self.history,
-                "versions": versions()}
+        return {
+            "format": FORMAT,
+            "epoch": epoch,
+            "step": int(np.asarray(state.step)),
+            "history": self.history,
+            "versions": versions(),
+        }
 
     def commit_epoch(self, row: dict, state) -> None:
         """Record an epoch: its checkpoint with its row (the commit), then the best checkpoint,
@@ -497,6 +542,19 @@ class RunDir:
 
 
 __all__ = [
-    "RunError", "RunRecord", "Run", "RunDir", "load_run", "read_run", "read_history", "check_run_dir", "run_identity",
-    "identity_differences", "locked", "read_metrics", "write_metrics", "versions", "device",
+    "RunError",
+    "RunRecord",
+    "Run",
+    "RunDir",
+    "load_run",
+    "read_run",
+    "read_history",
+    "check_run_dir",
+    "run_identity",
+    "identity_differences",
+    "locked",
+    "read_metrics",
+    "write_metrics",
+    "versions",
+    "device",
 ]

@@ -1,35 +1,40 @@
 """Learning-rate (and momentum) schedules per optimizer step, matching PyTorch's schedulers.
 
-A schedule is a function of the optimizer step count (0 for the first update),
-as optax expects. ``step_lr`` steps once per epoch like ``torch.optim.lr_scheduler.StepLR``
-called after each epoch; ``one_cycle`` reproduces ``torch.optim.lr_scheduler.OneCycleLR``
-step for step (optax's ``cosine_onecycle_schedule`` peaks one step later and its
-linear variant is three-phase only).
+A schedule is a function of the optimizer step count (0 for the first update), as optax
+expects. ``constant`` and ``step_lr`` are optax's own schedules (``step_lr`` steps once per
+epoch like ``torch.optim.lr_scheduler.StepLR`` called after each epoch); ``one_cycle`` is
+written here because it reproduces ``torch.optim.lr_scheduler.OneCycleLR`` step for step
+(optax's ``cosine_onecycle_schedule`` peaks one step later and its linear variant is
+three-phase only). ``for_recipe`` gives a recipe's pair.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax.numpy as jnp
+import optax
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
 def constant(value: float) -> Schedule:
-    return lambda count: jnp.full((), value, jnp.float32)
+    return optax.constant_schedule(value)
 
 
-def step_lr(lr: float, step_size_epochs: int, gamma: float, steps_per_epoch: int) -> Schedule:
-    """lr * gamma ** (epoch // step_size), with epoch = count // steps_per_epoch."""
+def step_lr(lr: float, step_size_epochs: int, gamma: float, steps_per_epoch: int, epochs: int) -> Schedule:
+    """lr * gamma ** (epoch // step_size), with epoch = count // steps_per_epoch, for ``epochs``.
 
-    def schedule(count):
-        epoch = jnp.asarray(count) // steps_per_epoch
-        return (lr * jnp.power(gamma, epoch // step_size_epochs)).astype(jnp.float32)
-
-    return schedule
+    optax's piecewise-constant schedule compares integer step counts. Not its
+    ``exponential_decay(staircase=True)``: that floors ``count / transition_steps`` in float32,
+    and under jit XLA:CPU divides by multiplying with the reciprocal, so the first step of each
+    new step-size period (count 1410 = 6 * 235 gives 0.99999994) keeps the old rate.
+    """
+    period = step_size_epochs * steps_per_epoch
+    boundaries = {k * period: gamma for k in range(1, -(-epochs // step_size_epochs))}
+    return optax.piecewise_constant_schedule(lr, boundaries)
 
 
 @dataclass(frozen=True)
@@ -112,3 +117,24 @@ def one_cycle(
     lr = lambda count: value(count, "start_lr", "end_lr")
     momentum = lambda count: value(count, "start_momentum", "end_momentum")
     return lr, momentum
+
+
+def for_recipe(recipe, steps_per_epoch: int) -> tuple[Schedule, Schedule]:
+    """(learning rate, momentum) per optimizer step of a ``recipes.Recipe``."""
+    momentum = constant(recipe.momentum)
+    if recipe.schedule == "constant":
+        return constant(recipe.lr), momentum
+    if recipe.schedule == "step":
+        return step_lr(recipe.lr, recipe.step_size, recipe.gamma, steps_per_epoch, recipe.epochs), momentum
+    lr, cycled = one_cycle(
+        recipe.lr,
+        recipe.epochs * steps_per_epoch,
+        pct_start=recipe.pct_start,
+        anneal=recipe.anneal,
+        div_factor=recipe.div_factor,
+        final_div_factor=recipe.final_div_factor,
+        three_phase=recipe.three_phase,
+        base_momentum=recipe.base_momentum,
+        max_momentum=recipe.max_momentum,
+    )
+    return lr, (cycled if recipe.cycle_momentum else momentum)

@@ -12,8 +12,8 @@ import functools
 import math
 import os
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from jax_mnist import hosts
 from jax_mnist.errors import JaxMnistError
@@ -29,9 +29,22 @@ from jax_mnist.rundir import (
 
 # The order a study runs in when none is given: the project's recipes first, then the walk from
 # the cheap end (the most expensive, model 1, last): what says most per CPU hour comes first.
-STUDY_ORDER = ("final", "final_onecycle", "final_translate", "ours_8k", "ours_8k_scale", "ours_5k",
-               "model_8_dropout_maxpool", "model_7_max_capacity", "model_6_gap", "model_5_regularization",
-               "model_4_batchnorm", "model_3_lighter_model", "model_2_skeleton", "model_1_setup")  # fmt: skip
+STUDY_ORDER = (
+    "final",
+    "final_onecycle",
+    "final_translate",
+    "ours_8k",
+    "ours_8k_scale",
+    "ours_5k",
+    "model_8_dropout_maxpool",
+    "model_7_max_capacity",
+    "model_6_gap",
+    "model_5_regularization",
+    "model_4_batchnorm",
+    "model_3_lighter_model",
+    "model_2_skeleton",
+    "model_1_setup",
+)
 
 
 class StudyError(JaxMnistError, ValueError):
@@ -58,8 +71,10 @@ def read_recipe_runs(recipe_dir: Path) -> list[RunRecord]:
         except RunError as e:
             raise StudyError(f"{e}") from None
         if run.recipe_name != recipe_dir.name or run.seed != seed:
-            raise StudyError(f"{directory}: holds recipe {run.recipe_name!r} seed {run.seed}, but its place in the study "
-                             f"says recipe {recipe_dir.name!r} seed {seed}")
+            raise StudyError(
+                f"{directory}: holds recipe {run.recipe_name!r} seed {run.seed}, but its place in the study "
+                f"says recipe {recipe_dir.name!r} seed {seed}"
+            )
         runs.append(run)
     return sorted(runs, key=lambda r: r.seed)
 
@@ -89,14 +104,18 @@ def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
         for row in run.history:
             key = (row["epoch"], row["epoch_seconds"])
             shared[key] = shared.get(key, 0) + 1
-    return [row["epoch_seconds"] / shared[(row["epoch"], row["epoch_seconds"])] for run in runs for row in run.history]
+    return [
+        row["epoch_seconds"] / shared[(row["epoch"], row["epoch_seconds"])]
+        for run in runs
+        for row in run.history
+    ]
 
 
 def _multiply_adds(recipe: Recipe) -> int:
     return _model_multiply_adds(recipe.model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_multiply_adds(model: str) -> int:
     """Once per model: every estimate of a plan asks it of every timed recipe."""
     from jax_mnist.summary import summarize
@@ -113,10 +132,12 @@ def seed_epoch_seconds(recipe: Recipe, study: dict[str, list[SeedRun]]) -> tuple
     if times:
         return statistics.median(times), "measured"
     points: dict[int, list[float]] = {}
-    for name, other in study.items():
+    for other in study.values():
         times = seconds_per_seed_epoch(other)
         if times:
-            points.setdefault(_multiply_adds(Recipe(**other[0].config["recipe"])), []).append(statistics.median(times))
+            points.setdefault(_multiply_adds(Recipe(**other[0].config["recipe"])), []).append(
+                statistics.median(times)
+            )
     if not points:
         return None
     sizes = sorted(points)
@@ -156,8 +177,13 @@ def study_recipe(name: str, max_epochs: int | None) -> Recipe:
     return recipe
 
 
-def plan(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int],
-         max_epochs: int | None = None, train_examples: int | None = None) -> list[Todo]:
+def plan(
+    study_dir: str | os.PathLike,
+    recipes: Sequence[str],
+    seeds: Sequence[int],
+    max_epochs: int | None = None,
+    train_examples: int | None = None,
+) -> list[Todo]:
     """What is not complete yet: for each recipe (in the order given), the seeds with epochs left.
 
     A seed's directory counts only when it holds this study's run (the same recipe, seed and
@@ -180,11 +206,15 @@ def plan(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[i
             epochs = differences.pop("recipe.epochs", None)
             # StepLR and constant runs of other lengths share their first epochs: a longer one holds
             # a shorter one, a shorter one is extended; a OneCycle schedule depends on its length.
-            shorter_unfinished = epochs is not None and epochs[1] < epochs[0] and len(run.history) < recipe.epochs
+            shorter_unfinished = (
+                epochs is not None and epochs[1] < epochs[0] and len(run.history) < recipe.epochs
+            )
             if differences or (epochs is not None and (recipe.schedule == "onecycle" or shorter_unfinished)):
                 if epochs is not None:
                     differences["recipe.epochs"] = epochs
-                listed = "; ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items())
+                listed = "; ".join(
+                    f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items()
+                )
                 conflicts.append(f"{run.out} ({listed})")
                 continue
             left[s] = max(0, recipe.epochs - len(run.history))
@@ -193,8 +223,10 @@ def plan(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[i
             todos.append(Todo(recipe, left))
     if conflicts:
         more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
-        raise StudyError(f"{'; '.join(conflicts[:3])}{more}: these directories hold other runs than this study asks "
-                         "for; move them elsewhere, or give the study another --out")
+        raise StudyError(
+            f"{'; '.join(conflicts[:3])}{more}: these directories hold other runs than this study asks "
+            "for; move them elsewhere, or give the study another --out"
+        )
     return todos
 
 
@@ -217,7 +249,9 @@ def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str
         return "nothing left: every recipe x seed asked for is complete"
     lines, total, unknown = [], 0.0, False
     for todo in todos:
-        seeds = ", ".join(f"{s} ({n} ep)" if n != todo.recipe.epochs else str(s) for s, n in todo.epochs_left.items())
+        seeds = ", ".join(
+            f"{s} ({n} ep)" if n != todo.recipe.epochs else str(s) for s, n in todo.epochs_left.items()
+        )
         estimate = estimate_seconds(todo, study)
         if estimate is None:
             unknown, when = True, "no estimate yet (no network of this size timed)"
@@ -230,9 +264,15 @@ def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str
     return "\n".join([head + " (from the timings recorded in the study):", *lines])
 
 
-def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int], data,
-              max_epochs: int | None = None, train_examples: int | None = None,
-              log: Callable[[str], None] = print) -> None:
+def run_study(
+    study_dir: str | os.PathLike,
+    recipes: Sequence[str],
+    seeds: Sequence[int],
+    data,
+    max_epochs: int | None = None,
+    train_examples: int | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Train everything ``plan`` lists, recipe by recipe (its seeds together), resuming what was started."""
     from jax_mnist.run import seed_dirs, train_seeds
 
@@ -249,12 +289,21 @@ def run_study(study_dir: str | os.PathLike, recipes: Sequence[str], seeds: Seque
             raise StudyError(f"{root / todo.recipe.name}: training made no progress ({todo.epochs_left})")
         previous = todo
         dirs = seed_dirs(root / todo.recipe.name, list(todo.epochs_left))
-        log(f"training {todo.recipe.name} seeds {', '.join(map(str, todo.epochs_left))} -> {root / todo.recipe.name}")
+        log(
+            f"training {todo.recipe.name} seeds {', '.join(map(str, todo.epochs_left))} -> "
+            f"{root / todo.recipe.name}"
+        )
         train_seeds(todo.recipe, data, dirs, resume=started, train_examples=train_examples, log=log)
 
 
-def _next_round(root: Path, recipes: Sequence[str], seeds: Sequence[int], max_epochs: int | None,
-                train_examples: int | None, log: Callable[[str], None]) -> tuple[list[Todo], bool]:
+def _next_round(
+    root: Path,
+    recipes: Sequence[str],
+    seeds: Sequence[int],
+    max_epochs: int | None,
+    train_examples: int | None,
+    log: Callable[[str], None],
+) -> tuple[list[Todo], bool]:
     """What is left (printed), and whether the first recipe's runs were started: read from the
     study by the main process, the same on every process of a multi-process study."""
 
@@ -266,10 +315,17 @@ def _next_round(root: Path, recipes: Sequence[str], seeds: Sequence[int], max_ep
         dirs = seed_dirs(root / todos[0].recipe.name, list(todos[0].epochs_left)).values() if todos else ()
         return todos, any(d.is_dir() and any(d.iterdir()) for d in dirs)
 
-    shared = hosts.from_main(read, lambda found: {"todos": [[t.recipe.name, list(t.epochs_left.items())] for t in found[0]],
-                                                  "started": found[1]})  # fmt: skip
+    shared = hosts.from_main(
+        read,
+        lambda found: {
+            "todos": [[t.recipe.name, list(t.epochs_left.items())] for t in found[0]],
+            "started": found[1],
+        },
+    )
     if hosts.is_main():
         return shared
-    todos = [Todo(study_recipe(name, max_epochs), {seed: left for seed, left in epochs_left})
-             for name, epochs_left in shared["todos"]]  # fmt: skip
+    todos = [
+        Todo(study_recipe(name, max_epochs), {seed: left for seed, left in epochs_left})
+        for name, epochs_left in shared["todos"]
+    ]
     return todos, shared["started"]

@@ -76,5 +76,3 @@ def summarize(name: str) -> Summary:
         rows.append(LayerRow(layer.name, layer.kind, out_shape, count_params(params.get(layer.name, {})), rf))
     running = count_params(variables.get("batch_stats", {}))
     return Summary(name, tuple(rows), count_params(params), running, rf, macs)
-
-

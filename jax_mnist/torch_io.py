@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -62,13 +62,18 @@ def read_torch_checkpoint(path) -> dict:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except pickle.UnpicklingError as e:
-        # torch's own message suggests weights_only=False, which would run code from the file: never repeat it.
+        # torch's own message suggests weights_only=False, which would run code from the file:
+        # never repeat it.
         if "Unsupported global" in str(e) or "can still be loaded" in str(e):
-            raise CheckpointError(f"{path}: not a plain state_dict: it holds Python objects, and only tensors and "
-                                  "containers are loaded here; save model.state_dict() and load that") from None  # fmt: skip
+            raise CheckpointError(
+                f"{path}: not a plain state_dict: it holds Python objects, and only tensors and "
+                "containers are loaded here; save model.state_dict() and load that"
+            ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (it does not unpickle)") from None
     except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        ) from None
     return unwrap_state_dict(state, path)
 
 
@@ -80,14 +85,16 @@ def unwrap_state_dict(state, where="state_dict") -> dict:
     """The state_dict itself: unwrapped from ``{"model_state_dict": ...}``-style dicts, with the
     ``module.`` prefix of ``nn.DataParallel`` dropped."""
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{where}: expected a state_dict (a mapping of key -> tensor), found {type(state).__name__}")
+        raise CheckpointError(
+            f"{where}: expected a state_dict (a mapping of key -> tensor), found {type(state).__name__}"
+        )
     for key in _WRAPPERS:
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
             break
     state = dict(state)
     if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -105,8 +112,11 @@ def load_torch_state_dict(name: str, state_dict) -> dict:
         state_dict = read_torch_checkpoint(state_dict)
     mapping = _torch_key_map(name)
     # num_batches_tracked is PyTorch bookkeeping with no Flax counterpart: accepted, ignored.
-    ignorable = {k for k in state_dict if k.endswith(".num_batches_tracked")
-                 and k.replace("num_batches_tracked", "running_mean") in mapping}  # fmt: skip
+    ignorable = {
+        k
+        for k in state_dict
+        if k.endswith(".num_batches_tracked") and k.replace("num_batches_tracked", "running_mean") in mapping
+    }
     unexpected = sorted(set(state_dict) - set(mapping) - ignorable)
     missing = [k for k in mapping if k not in state_dict]
     if missing or unexpected:
@@ -122,7 +132,9 @@ def load_torch_state_dict(name: str, state_dict) -> dict:
         want_torch = tuple(want.shape[i] for i in (3, 2, 0, 1)) if len(want.shape) == 4 else tuple(want.shape)
         found = _to_numpy(state_dict[key])
         if tuple(found.shape) != want_torch:
-            raise CheckpointError(f"{name}: key {key!r} has shape {tuple(found.shape)}, expected {want_torch}")
+            raise CheckpointError(
+                f"{name}: key {key!r} has shape {tuple(found.shape)}, expected {want_torch}"
+            )
         array = transform(found)
         node = variables
         for p in path[:-1]:
@@ -147,7 +159,9 @@ def to_torch_state_dict(name: str, variables: Mapping, batches_tracked: int = 0)
         value = np.asarray(value, np.float32)
         state_dict[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value  # HWIO -> OIHW
         if key.endswith(".running_var"):
-            state_dict[key.replace("running_var", "num_batches_tracked")] = np.asarray(batches_tracked, np.int64)
+            state_dict[key.replace("running_var", "num_batches_tracked")] = np.asarray(
+                batches_tracked, np.int64
+            )
     return state_dict
 
 

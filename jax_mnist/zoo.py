@@ -12,8 +12,9 @@ Layer names follow the PyTorch originals (``conv1`` for model 1,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -131,7 +132,9 @@ class S7Net(nn.Module):
     def __call__(self, x, train: bool = False):
         conv_impl = resolve_conv_impl(self.conv_impl, jax.default_backend())
         if self.dropout_impl not in DROPOUT_IMPLS:
-            raise ConfigError(f"dropout_impl must be one of {', '.join(sorted(DROPOUT_IMPLS))}, found {self.dropout_impl!r}")
+            raise ConfigError(
+                f"dropout_impl must be one of {', '.join(sorted(DROPOUT_IMPLS))}, found {self.dropout_impl!r}"
+            )
         for layer in self.layers:
             x = build_layer(layer, self.dropout_rate, conv_impl, self.dropout_impl)(x, train)
         return jax.nn.log_softmax(x.reshape(-1, 10), axis=-1)
@@ -169,10 +172,16 @@ def _with_pools(blocks, after_block2: tuple[LayerSpec, ...] = ()) -> tuple[Layer
 def _model_1() -> tuple[LayerSpec, ...]:
     conv = lambda i, f, pad, relu=True: ConvSpec(f"conv{i}", f, 3, padding=pad, bias=True, relu=relu)
     return (
-        conv(1, 32, 1), conv(2, 64, 1), PoolSpec("pool1"),
-        conv(3, 128, 1), conv(4, 256, 1), PoolSpec("pool2"),
-        conv(5, 512, 0), conv(6, 1024, 0), conv(7, 10, 0, relu=False),
-    )  # fmt: skip
+        conv(1, 32, 1),
+        conv(2, 64, 1),
+        PoolSpec("pool1"),
+        conv(3, 128, 1),
+        conv(4, 256, 1),
+        PoolSpec("pool2"),
+        conv(5, 512, 0),
+        conv(6, 1024, 0),
+        conv(7, 10, 0, relu=False),
+    )
 
 
 def _model_2() -> tuple[LayerSpec, ...]:
@@ -217,13 +226,21 @@ def _ours(widths: tuple[int, int, int, int, int, int, int], dropout: float) -> t
     GAP and a 1x1 head. conv -> BN -> ReLU, no biases, dropout after every block but the last.
     ``widths``: the seven conv widths before the head."""
     c1, c2, c3, squeeze, c4, c5, c6 = widths
-    block = lambda name, f, k, padding=0, drop=dropout: ConvSpec(name, f, k, padding=padding, batchnorm=True, dropout=drop)
+    block = lambda name, f, k, padding=0, drop=dropout: ConvSpec(
+        name, f, k, padding=padding, batchnorm=True, dropout=drop
+    )
     return (
-        block("convblock1", c1, 3), block("convblock2", c2, 3), block("convblock3", c3, 3),
-        PoolSpec("pool1"), block("transition1", squeeze, 1),
-        block("convblock4", c4, 3), block("convblock5", c5, 3), block("convblock6", c6, 3, padding=1, drop=0.0),
-        GapSpec(), ConvSpec("head", 10, 1, relu=False),
-    )  # fmt: skip
+        block("convblock1", c1, 3),
+        block("convblock2", c2, 3),
+        block("convblock3", c3, 3),
+        PoolSpec("pool1"),
+        block("transition1", squeeze, 1),
+        block("convblock4", c4, 3),
+        block("convblock5", c5, 3),
+        block("convblock6", c6, 3, padding=1, drop=0.0),
+        GapSpec(),
+        ConvSpec("head", 10, 1, relu=False),
+    )
 
 
 _MODELS["ours_8k"] = (_ours((8, 12, 14, 8, 12, 16, 16), dropout=0.05), "sequential")
@@ -243,7 +260,8 @@ def model_layers(name: str) -> tuple[LayerSpec, ...]:
 
 
 def torch_layout(name: str) -> str:
-    """How the PyTorch original names its keys: "plain" (conv1.weight) or "sequential" (convblockN.0.weight)."""
+    """How the PyTorch original names its keys: "plain" (conv1.weight) or "sequential"
+    (convblockN.0.weight)."""
     check_model_name(name)
     return _MODELS[name][1]
 
@@ -267,5 +285,3 @@ def init_variables(model: S7Net, key: jax.Array, batch: int = 1) -> dict:
 def count_params(params: Mapping) -> int:
     """Number of trainable parameters (the ``params`` collection only)."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
-
-

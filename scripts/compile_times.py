@@ -9,8 +9,8 @@ Usage: python scripts/compile_times.py [RECIPE ...]   (default: model_1_setup ..
 import sys
 
 from jax_mnist.bench import compile_seconds
-from jax_mnist.zoo import MODEL_NAMES
 from jax_mnist.recipes import get_recipe
+from jax_mnist.zoo import MODEL_NAMES
 
 names = sys.argv[1:] or [*MODEL_NAMES, "final"]
 print(f"{'recipe':<28} {'cold compile':>13} {'warm compile':>13}")

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_mnist.engine import Engine  # noqa: E402
+from jax_mnist.engine import ProgramConfig, programs_for  # noqa: E402
 from jax_mnist.recipes import get_recipe, with_overrides  # noqa: E402
 
 SEEDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
@@ -28,31 +28,47 @@ rng = np.random.default_rng(0)
 data = (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, (n,), dtype=np.int32))
 
 cases = {}
-for name, seeds, seed_axis in [("one seed", 1, "map"), (f"{SEEDS} seeds, vmap", SEEDS, "vmap"),
-                               (f"{SEEDS} seeds, lax.map", SEEDS, "map")]:  # fmt: skip
-    engine = Engine.from_recipe(with_overrides(get_recipe("final"), {"seed_axis": seed_axis}), n)
-    train_set = engine.put_shared(data)
-    states, keys = engine.init_seeds(list(range(1, seeds + 1)))
+for name, seeds, seed_axis in [
+    ("one seed", 1, "map"),
+    (f"{SEEDS} seeds, vmap", SEEDS, "vmap"),
+    (f"{SEEDS} seeds, lax.map", SEEDS, "map"),
+]:
+    programs = programs_for(
+        ProgramConfig(with_overrides(get_recipe("final"), {"seed_axis": seed_axis}), n, seeds)
+    )
+    train_set = programs.place_data(data)
+    states, keys = programs.init_seeds(list(range(1, seeds + 1)))
     orders = jnp.tile(jnp.arange(n, dtype=jnp.int32)[None], (seeds, 1))
     first = jnp.asarray(0, jnp.int32)
     start = time.perf_counter()
-    states, _ = engine._programs["steps"](states, *train_set, orders, keys.step, first, first + 1)
+    states, _ = programs.train_chunk(states, *train_set, orders, keys.step, first, first + 1)
     jax.block_until_ready(states)
-    cases[name] = {"engine": engine, "args": (train_set, orders, keys), "states": states, "seeds": seeds,
-                   "compile_s": time.perf_counter() - start, "times": []}  # fmt: skip
+    cases[name] = {
+        "programs": programs,
+        "args": (train_set, orders, keys),
+        "states": states,
+        "seeds": seeds,
+        "compile_s": time.perf_counter() - start,
+        "times": [],
+    }
 
 for _ in range(ROUNDS):
     for case in cases.values():
         train_set, orders, keys = case["args"]
         first = jnp.asarray(0, jnp.int32)
         start = time.perf_counter()
-        case["states"], _ = case["engine"]._programs["steps"](case["states"], *train_set, orders, keys.step, first,
-                                                              first + STEPS)  # fmt: skip
+        case["states"], _ = case["programs"].train_chunk(
+            case["states"], *train_set, orders, keys.step, first, first + STEPS
+        )
         jax.block_until_ready(case["states"])
         case["times"].append((time.perf_counter() - start) / STEPS / case["seeds"])
 
 single = statistics.median(cases["one seed"]["times"])
 for name, case in cases.items():
     per_seed_step = statistics.median(case["times"])
-    print(f"{name:<22} compile + 1 step {case['compile_s']:5.1f} s   per seed and step: median {per_seed_step * 1e3:6.1f} ms "
-          f"(rounds: {', '.join(f'{t * 1e3:.1f}' for t in case['times'])})   {single / per_seed_step:.2f}x one seed's throughput")
+    print(
+        f"{name:<22} compile + 1 step {case['compile_s']:5.1f} s   per seed and step: median "
+        f"{per_seed_step * 1e3:6.1f} ms "
+        f"(rounds: {', '.join(f'{t * 1e3:.1f}' for t in case['times'])})   {single / per_seed_step:.2f}x "
+        "one seed's throughput"
+    )

@@ -10,7 +10,7 @@ Usage: python scripts/profile_step.py [STEPS]
 (Host memory: compare `jax-mnist bench` with and without JAX_MNIST_KEEP_HOST_MEMORY=0.)
 """
 
-import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -19,11 +19,11 @@ from jax_mnist import host_memory
 
 host_memory.apply_from_env()  # first, before JAX's backend starts: keeps freed host memory
 import jax  # noqa: E402
-import jax.numpy as jnp
-import numpy as np
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.engine import Engine, normalize, preprocess
+from jax_mnist import engine as core  # noqa: E402
+from jax_mnist.recipes import get_recipe, with_overrides  # noqa: E402
 
 OPS = "--ops" in sys.argv
 ARGS = [a for a in sys.argv[1:] if a != "--ops"]
@@ -46,15 +46,40 @@ def timed(fn, *args):
     return compile_s, statistics.median(times)
 
 
-def engine_for(**overrides):
-    return Engine.from_recipe(with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides}), 60_000)
+class Step:
+    """One seed's training step of model 8's ``final`` recipe with ``overrides``, jitted with the
+    XLA options the run's programs use (``options=False``: XLA's defaults)."""
+
+    def __init__(self, options=True, **overrides):
+        recipe = with_overrides(get_recipe("final"), {"batch_size": BATCH, **overrides})
+        self.model = core.make_model(recipe, jax.devices()[0].platform)
+        self.tx = core.make_optimizer(recipe, core.steps_per_epoch(60_000, BATCH))
+        self.xla_options = core.compiler_options(jax.devices()[0]) if options else {}
+        step = functools.partial(core.train_step, self.model, self.tx, core.make_augment(recipe))
+        self.train_step = jax.jit(step, compiler_options=self.xla_options)
+
+    def init(self, key):
+        return core.init_state(self.model, self.tx, key)
+
+    def loss(self, state, images01, key):
+        logp, _ = self.model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            images01,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        return core.training_loss(logp, labels)
 
 
 def report(name, compile_s, step_s):
-    print(f"{name:<44} compile {compile_s:6.2f} s   median {step_s * 1e3:7.1f} ms   {BATCH / step_s:7.0f} images/s")
+    print(
+        f"{name:<44} compile {compile_s:6.2f} s   median {step_s * 1e3:7.1f} ms   {BATCH / step_s:7.0f} "
+        "images/s"
+    )
 
 
-def op_breakdown(engine, state, steps):
+def op_breakdown(engine: Step, state, steps):
     """Per-step milliseconds of the step's XLA ops from a jax.profiler trace, summed by layer and pass.
 
     Ops run on two threads at once, so the sum exceeds the wall time of a step.
@@ -88,28 +113,31 @@ def op_breakdown(engine, state, steps):
                     continue
                 op = op_names[event.name]
                 layer = re.search(r"(convblock\d+/(conv|bn|Dropout_0)|pool\d|gap)", op)
-                where = ("backward " if "transpose(" in op else "forward ") + (layer.group(0) if layer else "other")
+                where = ("backward " if "transpose(" in op else "forward ") + (
+                    layer.group(0) if layer else "other"
+                )
                 totals[where] += event.duration_ns / 1e6 / steps
     for where, ms in totals.most_common():
         print(f"{where:<36} {ms:7.2f} ms")
     print(f"{'sum of ops':<36} {sum(totals.values()):7.2f} ms")
 
 
-base = engine_for()
+base = Step()
 state = base.init(jax.random.key(0))
-x = normalize(preprocess(images))
+x = core.normalize(core.preprocess(images))
 key = jax.random.key(1)
 if OPS:
     op_breakdown(base, state, STEPS)
     sys.exit(0)
-forward = jax.jit(lambda s, x, k: base.loss_fn(s.params, s.batch_stats, x, labels, k)[0],
-                  compiler_options=base.xla_options)
+forward = jax.jit(base.loss, compiler_options=base.xla_options)
 report("forward (train mode, dropout)", *timed(forward, state, x, key))
-grad = jax.jit(lambda s, x, k: jax.grad(base.loss_fn, has_aux=True)(s.params, s.batch_stats, x, labels, k)[0],
-               compiler_options=base.xla_options)
+grad = jax.jit(
+    lambda s, x, k: jax.grad(lambda p: base.loss(s.replace(params=p), x, k))(s.params),
+    compiler_options=base.xla_options,
+)
 report("forward + backward", *timed(grad, state, x, key))
 report("full step (augment, fwd, bwd, SGD)", *timed(base.train_step, state, images, labels, key))
-report("  default XLA:CPU options", *timed(dataclasses.replace(base, xla_options={}).train_step, state, images, labels, key))
+report("  default XLA:CPU options", *timed(Step(options=False).train_step, state, images, labels, key))
 for name, kwargs, step_key in [
     ("  without dropout", {"dropout_rate": 0.0}, key),
     ("  without augmentation", {"augment": "none"}, key),
@@ -117,5 +145,5 @@ for name, kwargs, step_key in [
     ("  flax nn.Dropout instead of fused", {"dropout_impl": "flax"}, key),
     ("  flax nn.Dropout, rbg PRNG", {"dropout_impl": "flax"}, jax.random.key(1, impl="rbg")),
 ]:
-    engine = engine_for(**kwargs)
+    engine = Step(**kwargs)
     report(name, *timed(engine.train_step, engine.init(jax.random.key(0)), images, labels, step_key))

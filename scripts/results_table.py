@@ -36,7 +36,10 @@ def changed_fields(recipe: dict) -> str:
 
 
 def single_runs(results_dir: str = "results") -> None:
-    print("| run | recipe | changed from the recipe | seed | test accuracy per epoch (%) | last 3 epochs ≥ 99.4 | best | wall time |")
+    print(
+        "| run | recipe | changed from the recipe | seed | test accuracy per epoch (%) | last 3 epochs ≥ "
+        "99.4 | best | wall time |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for run in sorted(Path(results_dir).iterdir()):
         found = read_run(run)
@@ -49,8 +52,12 @@ def single_runs(results_dir: str = "results") -> None:
         else:
             held = len(accuracies) >= LAST and all(a >= TARGET for a in accuracies[-LAST:])
         minutes = sum(r["epoch_seconds"] for r in rows) / 60
-        print(f"| `{run.name}` | `{cfg['recipe']['name']}` | {changed_fields(cfg['recipe'])} | {cfg['seed']} | {' '.join(f'{a:.2f}' for a in accuracies)} "
-              f"| {'unfinished' if held is None else 'yes' if held else 'no'} | {max(accuracies):.2f} | {minutes:.0f} min |")
+        print(
+            f"| `{run.name}` | `{cfg['recipe']['name']}` | {changed_fields(cfg['recipe'])} | "
+            f"{cfg['seed']} | {' '.join(f'{a:.2f}' for a in accuracies)} "
+            f"| {'unfinished' if held is None else 'yes' if held else 'no'} | {max(accuracies):.2f} | "
+            f"{minutes:.0f} min |"
+        )
 
 
 if __name__ == "__main__":

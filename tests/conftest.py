@@ -1,7 +1,15 @@
-"""Shared fixtures: the official MNIST files live in ../shared/data/mnist beside the clone."""
+"""Shared fixtures and the two test tiers.
+
+The official MNIST files live in ../shared/data/mnist beside the clone. Tiers: a test is ``slow``
+when it is marked so (it spawns processes, or is long) or when it uses a fixture that trains a
+run (``TRAINING_FIXTURES``); ``python -m pytest -q -m "not slow"`` is the fast loop, the plain
+command runs both tiers.
+"""
 
 import gzip
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +17,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_FILES = Path(os.environ.get("JAX_MNIST_TEST_FILES", REPO.parent / "shared" / "data" / "mnist"))
+# The tfds dir prepared from the official files, kept across test runs (preparing PNG-encodes
+# 70,000 images); ignored by git. JAX_MNIST_TEST_CACHE moves it.
+TEST_CACHE = Path(os.environ.get("JAX_MNIST_TEST_CACHE", REPO / ".pytest_cache" / "jax_mnist"))
+
+# Fixtures that train a run (seconds to minutes each): every test using one is in the slow tier.
+TRAINING_FIXTURES = {"straight_run", "finished", "run_dir", "multi_run", "single_runs", "old_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +53,20 @@ def test_batch(test_images_raw) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def mnist_data_dir(tmp_path_factory, mnist_files) -> Path:
-    """A fresh tfds data dir, prepared once per test session from the official files."""
+def mnist_data_dir(mnist_files) -> Path:
+    """A tfds data dir prepared from the official files, once, and kept for later test runs.
+
+    Prepared in a temporary directory and renamed into place, so an interrupted run leaves no
+    half-prepared cache; ``load_mnist`` checks its decoded arrays against their digest on load."""
     from jax_mnist.data import load_mnist
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    load_mnist(data_dir, mnist_files, download=False)
+    data_dir = TEST_CACHE / "tfds"
+    if not (data_dir / "mnist" / "3.0.1" / "jax_mnist_arrays.npz").exists():
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=TEST_CACHE, prefix="tfds-"))
+        load_mnist(staging, mnist_files, download=False)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        os.rename(staging, data_dir)
     return data_dir
 
 

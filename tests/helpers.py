@@ -34,9 +34,28 @@ def kill_then_resume(seed_args: list[str], out, data_dir, kill_at: str):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final", *seed_args, "--out", str(out),
-           "--train-examples", str(SUBSET), "--data-dir", str(data_dir), "--no-download",
-           "--epochs", "3", "--batch-size", "128", "--set", "step_size=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_mnist",
+        "train",
+        "--recipe",
+        "final",
+        *seed_args,
+        "--out",
+        str(out),
+        "--train-examples",
+        str(SUBSET),
+        "--data-dir",
+        str(data_dir),
+        "--no-download",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "128",
+        "--set",
+        "step_size=2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith(kill_at):

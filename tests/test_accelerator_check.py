@@ -15,8 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_quick_check_runs_every_part_and_reports_it(mnist_files, mnist_data_dir, tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "JAX_MNIST_DATA_DIR": str(mnist_data_dir)}
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "accelerator_check.py"), "--out", str(out), "--quick",
-                           "--mnist-files", str(mnist_files)], capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "accelerator_check.py"),
+            "--out",
+            str(out),
+            "--quick",
+            "--mnist-files",
+            str(mnist_files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "accelerator.json").read_text())
     assert report["mode"] == "quick" and list(report["parts"]) == ["device", "tests", "bench", "run"]
@@ -42,11 +55,19 @@ def test_a_failing_part_is_reported_and_the_next_parts_still_run(tmp_path, monke
     finally:
         sys.path.remove(str(REPO / "scripts"))
     calls = []
-    monkeypatch.setattr(accelerator_check, "part_device", lambda: calls.append("device") or {"platform": "cpu"})
-    monkeypatch.setattr(accelerator_check, "part_tests", lambda *a: (_ for _ in ()).throw(RuntimeError("no pytest")))
+    monkeypatch.setattr(
+        accelerator_check, "part_device", lambda: calls.append("device") or {"platform": "cpu"}
+    )
+    monkeypatch.setattr(
+        accelerator_check, "part_tests", lambda *a: (_ for _ in ()).throw(RuntimeError("no pytest"))
+    )
     monkeypatch.setattr(accelerator_check, "part_bench", lambda *a: calls.append("bench") or {})
     monkeypatch.setattr(accelerator_check, "part_run", lambda *a: calls.append("run") or {})
     monkeypatch.setattr(accelerator_check, "markdown", lambda report: "")
     assert accelerator_check.main(["--out", str(tmp_path), "--quick"]) == 1
     report = json.loads((tmp_path / "accelerator.json").read_text())
-    assert report["parts"]["tests"]["error"] == "RuntimeError: no pytest" and calls == ["device", "bench", "run"]
+    assert report["parts"]["tests"]["error"] == "RuntimeError: no pytest" and calls == [
+        "device",
+        "bench",
+        "run",
+    ]

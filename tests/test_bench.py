@@ -1,12 +1,33 @@
 import json
 
+import pytest
+
 from jax_mnist.cli import main
 
 
+@pytest.mark.slow  # spawns processes
 def test_bench_writes_json_with_speedup_keys(tmp_path):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--recipe", "model_4_batchnorm", "--batch-size", "32", "--steps", "3", "--warmup", "1",
-                 "--no-epoch", "--compare-torch", "--json", str(path)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--recipe",
+                "model_4_batchnorm",
+                "--batch-size",
+                "32",
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--no-epoch",
+                "--compare-torch",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(path.read_text())
     for key in ("jax_images_per_s", "torch_images_per_s", "speedup"):
         assert result[key] > 0

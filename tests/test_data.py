@@ -13,6 +13,7 @@ TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_real_data_counts_labels_and_statistics(mnist):
     assert mnist.train_images.shape == (60_000, 28, 28, 1) and mnist.train_images.dtype == np.uint8
     assert mnist.test_images.shape == (10_000, 28, 28, 1) and mnist.test_images.dtype == np.uint8
@@ -37,6 +38,7 @@ def test_second_load_uses_cache_without_tfds(mnist_data_dir, monkeypatch):
     assert again.train_images.shape == (60_000, 28, 28, 1)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_prepared_dataset_is_reused_when_cache_is_gone(mnist_data_dir, tmp_path, mnist):
     copy = tmp_path / "tfds"
     shutil.copytree(mnist_data_dir, copy)
@@ -47,6 +49,7 @@ def test_prepared_dataset_is_reused_when_cache_is_gone(mnist_data_dir, tmp_path,
     assert (dataset_dir(copy) / CACHE_NAME).exists()
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_corrupt_cache_is_not_trusted(mnist_data_dir, tmp_path, mnist):
     copy = tmp_path / "tfds"
     shutil.copytree(mnist_data_dir, copy)
@@ -76,9 +79,12 @@ def test_interrupted_cache_write_leaves_no_trusted_cache(tmp_path, monkeypatch, 
     assert data.read_cache(path).test_labels.tolist() == mnist.test_labels.tolist()
 
 
+@pytest.mark.slow  # spawns processes
 def test_loader_does_not_import_tensorflow(mnist_data_dir):
-    code = ("import sys; from jax_mnist.data import load_mnist; "
-            f"load_mnist({str(mnist_data_dir)!r}, download=False); print('tensorflow' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys; from jax_mnist.data import load_mnist; "
+        f"load_mnist({str(mnist_data_dir)!r}, download=False); print('tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -105,14 +111,23 @@ BAD_CASES = {
     "missing": (None, "file not found"),
     "truncated": (lambda raw_gz, raw: raw_gz[: len(raw_gz) // 2], "truncated or corrupt gzip"),
     "not_gzip": (lambda raw_gz, raw: raw, "not a gzip file"),
-    "wrong_sha256": (lambda raw_gz, raw: _gz(raw[:8] + bytes([(raw[8] + 1) % 10]) + raw[9:]),
-                     "sha256 mismatch: expected f7ae60f9"),
-    "wrong_magic": (lambda raw_gz, raw: _gz((2051).to_bytes(4, "big") + raw[4:]),
-                    "expected IDX magic number 2049, found 2051"),
-    "wrong_count": (lambda raw_gz, raw: _gz(raw[:4] + (9999).to_bytes(4, "big") + raw[8:-1]),
-                    "expected 10000 items, found 9999"),
-    "wrong_length": (lambda raw_gz, raw: _gz(raw[:-5]), "expected 10000 data bytes after the header, found 9995"),
-}  # fmt: skip
+    "wrong_sha256": (
+        lambda raw_gz, raw: _gz(raw[:8] + bytes([(raw[8] + 1) % 10]) + raw[9:]),
+        "sha256 mismatch: expected f7ae60f9",
+    ),
+    "wrong_magic": (
+        lambda raw_gz, raw: _gz((2051).to_bytes(4, "big") + raw[4:]),
+        "expected IDX magic number 2049, found 2051",
+    ),
+    "wrong_count": (
+        lambda raw_gz, raw: _gz(raw[:4] + (9999).to_bytes(4, "big") + raw[8:-1]),
+        "expected 10000 items, found 9999",
+    ),
+    "wrong_length": (
+        lambda raw_gz, raw: _gz(raw[:-5]),
+        "expected 10000 data bytes after the header, found 9995",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -156,9 +171,13 @@ def test_failed_download_says_where_to_put_files(tmp_path, monkeypatch):
     def offline(data_dir):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(data, "_network_reachable", lambda timeout=3.0: None)  # the host answers, the download fails
+    monkeypatch.setattr(
+        data, "_network_reachable", lambda timeout=3.0: None
+    )  # the host answers, the download fails
     monkeypatch.setattr(data, "_tfds_download", offline)
-    with pytest.raises(DataError, match=r"tfds download of mnist failed \(ConnectionError: no network\); put the"):
+    with pytest.raises(
+        DataError, match=r"tfds download of mnist failed \(ConnectionError: no network\); put the"
+    ):
         load_mnist(tmp_path / "tfds")
 
 

@@ -5,10 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.engine import Engine
+from jax_mnist.engine import ProgramConfig, programs_for
+from jax_mnist.run import evaluate_seeds, train_epoch
 assert jax.device_count() == 2, jax.devices()
 recipe = with_overrides(get_recipe("final"), {"batch_size": 128, "eval_batch_size": 256})
 rng = np.random.default_rng(0)
@@ -17,16 +22,17 @@ images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
 labels = jnp.asarray(rng.integers(0, 10, (n,), dtype=np.int32))
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
-    engine = Engine.from_recipe(recipe, n, devices=devices)
-    assert (engine.mesh is None) == (len(devices) == 1)
-    states, keys = engine.init_seeds([1])
-    train_set = engine.put_shared((images, labels))
-    states, sums = engine.train_epoch(states, *train_set, keys, 0)
+    programs = programs_for(ProgramConfig(recipe, n, 1, tuple(devices)))
+    assert (programs.mesh is None) == (len(devices) == 1)
+    states, keys = programs.init_seeds([1])
+    train_set = programs.place_data((images, labels))
+    states, sums = train_epoch(programs, states, train_set, keys, 0)
+    (evaluation,) = evaluate_seeds(programs, states, train_set)
     state = jax.tree_util.tree_map(lambda x: x[0], states)
-    results.append((state, {k: v[0] for k, v in sums.items()}, engine.evaluate(state, *train_set)))
+    results.append((state, {k: v[0] for k, v in sums.items()}, evaluation))
 (s1, m1, e1), (s2, m2, e2) = results
-diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
-                                                            jax.tree_util.tree_leaves((s2.params, s2.batch_stats))))
+leaves = [jax.tree_util.tree_leaves((s.params, s.batch_stats)) for s in (s1, s2)]
+diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*leaves))
 print("max difference", diff)
 assert diff < 1e-4, diff
 assert int(m1["count"]) == int(m2["count"]) == n
@@ -40,7 +46,8 @@ SEEDS_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.engine import Engine
+from jax_mnist.engine import ProgramConfig, programs_for
+from jax_mnist.run import evaluate_seeds, train_epoch
 assert jax.device_count() == 2, jax.devices()
 # Split seeds run vmap; so does the one-device reference here. No rotation: its nearest-neighbour
 # pixels make exact ties that vmap's regrouped sums break differently (README, "Several seeds").
@@ -52,19 +59,19 @@ images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
 labels = rng.integers(0, 10, (n,), dtype=np.int32)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
-    engine = Engine.from_recipe(recipe, n, devices=devices)
-    states, keys = engine.init_seeds([1, 2])
-    train_set = engine.put_shared((images, labels))
-    states, sums = engine.train_epoch(states, *train_set, keys, 0)
+    programs = programs_for(ProgramConfig(recipe, n, 2, tuple(devices)))
+    states, keys = programs.init_seeds([1, 2])
+    train_set = programs.place_data((images, labels))
+    states, sums = train_epoch(programs, states, train_set, keys, 0)
     if len(devices) == 2:
-        assert engine.splits_seeds(2)
+        assert programs.splits_seeds
         leaf = jax.tree_util.tree_leaves(states.params)[0]
         assert leaf.sharding.spec == PartitionSpec("devices"), leaf.sharding
         assert {s.device for s in leaf.addressable_shards} == set(devices)
-    results.append((states, sums, engine.evaluate_seeds(states, *train_set)))
+    results.append((states, sums, evaluate_seeds(programs, states, train_set)))
 (s1, m1, e1), (s2, m2, e2) = results
-diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
-                                                            jax.tree_util.tree_leaves((s2.params, s2.batch_stats))))
+leaves = [jax.tree_util.tree_leaves((s.params, s.batch_stats)) for s in (s1, s2)]
+diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*leaves))
 print("max difference", diff)
 assert diff < 1e-4, diff
 assert m1["count"].tolist() == m2["count"].tolist() == [n, n]
@@ -76,7 +83,9 @@ print("ok")
 
 def run_on_two_host_devices(script: str) -> None:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
 

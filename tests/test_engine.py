@@ -1,72 +1,96 @@
-"""The engine compiles each program once, reports progress from Python, and keeps library hygiene."""
+"""The run's programs compile once, report progress from Python, and the library keeps its hygiene."""
 
 import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tomllib
 
 from jax_mnist.bench import counting_compiles
-from jax_mnist.engine import Engine, batch_metrics
+from jax_mnist.engine import ProgramConfig, batch_metrics, make_model, programs_for
 from jax_mnist.errors import ConfigError, JaxMnistError
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.run import _Progress, train
-
+from jax_mnist.run import Progress, train, train_epoch
 from tests.helpers import SUBSET, small_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_later_epochs_and_a_second_engine_compile_nothing(mnist, tmp_path):
     recipe = small_recipe(epochs=3, lr=0.05)  # a configuration no other test has compiled
     seen = []
     with counting_compiles() as first_run:
-        train(recipe, mnist, tmp_path / "a", seed=1, train_examples=SUBSET, log=lambda s: None,
-              on_epoch_end=lambda row: seen.append(dict(first_run)))  # fmt: skip
+        train(
+            recipe,
+            mnist,
+            tmp_path / "a",
+            seed=1,
+            train_examples=SUBSET,
+            log=lambda s: None,
+            on_epoch_end=lambda row: seen.append(dict(first_run)),
+        )
     assert seen[0]["traces"] > 0 and seen[0]["compiles"] > 0  # the counter sees compiles
     assert seen[2] == seen[0], seen  # epochs 2 and 3: no trace, no compile
     with counting_compiles() as second_run:
         train(recipe, mnist, tmp_path / "b", seed=7, train_examples=SUBSET, log=lambda s: None)
     assert second_run == {"traces": 0, "compiles": 0}
-    # A second engine for the same configuration is the first one, programs and all.
-    assert Engine.from_recipe(recipe, SUBSET) is Engine.from_recipe(recipe, SUBSET)
+    # The programs of the same configuration are the same object: nothing is compiled twice.
+    assert programs_for(ProgramConfig(recipe, SUBSET)) is programs_for(ProgramConfig(recipe, SUBSET))
+    assert programs_for(ProgramConfig(recipe, SUBSET, 2)) is not programs_for(ProgramConfig(recipe, SUBSET))
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_epoch_reports_progress_between_chunks_and_runs_no_host_callback(mnist):
     n, batch = 1000, 64  # 15 full batches and one of 40
-    engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n)
-    train_set = engine.put_shared((mnist.train_images[:n], mnist.train_labels[:n]))
-    states, keys = engine.init_seeds([1, 2])
+    programs = programs_for(
+        ProgramConfig(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n, 2)
+    )
+    train_set = programs.place_data((mnist.train_images[:n], mnist.train_labels[:n]))
+    states, keys = programs.init_seeds([1, 2])
     reports = []
-    states, sums = engine.train_epoch(states, *train_set, keys, 0, chunks=4,
-                                      progress=lambda steps, totals: reports.append((steps, totals["count"].tolist())))  # fmt: skip
-    assert engine.epoch_chunks(n, 4) == [(0, 4), (4, 8), (8, 12), (12, 15)]
-    assert reports == [(4, [256, 256]), (8, [512, 512]), (12, [768, 768]), (15, [960, 960]), (16, [1000, 1000])]
+    states, sums = train_epoch(
+        programs,
+        states,
+        train_set,
+        keys,
+        0,
+        chunks=4,
+        progress=lambda steps, totals: reports.append((steps, totals["count"].tolist())),
+    )
+    assert programs.chunks(n, 4) == [(0, 4), (4, 8), (8, 12), (12, 15)]
+    assert reports == [
+        (4, [256, 256]),
+        (8, [512, 512]),
+        (12, [768, 768]),
+        (15, [960, 960]),
+        (16, [1000, 1000]),
+    ]
     assert sums["count"].tolist() == [n, n] and states.step.tolist() == [16, 16]
     orders = jnp.zeros((2, n), jnp.int32)
     index = jnp.asarray(0, jnp.int32)
-    hlo = engine._programs["steps"].lower(states, *train_set, orders, keys.step, index, index).as_text()
+    hlo = programs.train_chunk.lower(states, *train_set, orders, keys.step, index, index).as_text()
     assert not re.search(r"callback", hlo, re.IGNORECASE)
 
 
-def test_progress_line_shows_rate_time_left_and_loss(capsys):
-    bar = _Progress(epochs=15, steps_per_epoch=235, images_per_step=512, enabled=True)
+def test_progress_shows_the_epoch_steps_and_running_loss_on_a_terminal_only(capsys):
+    bar = Progress(epochs=15, steps_per_epoch=235, enabled=True)
     bar.start_epoch(0, first_in_process=True)
-    assert "epoch 1/15: compiling the training step" in capsys.readouterr().err
     bar(100, {"loss_sum": np.array([30.0, 34.0]), "count": np.array([25_600, 25_600])})
-    line = capsys.readouterr().err
-    assert "100/235 steps" in line and "images/s" in line and "s left" in line and "loss 0.0013" in line
+    shown = capsys.readouterr().err
+    assert "epoch 1/15" in shown and "100/235" in shown and "0.0013" in shown
     bar.status("evaluating")
-    assert "epoch 1/15: evaluating" in capsys.readouterr().err
-    quiet = _Progress(epochs=1, steps_per_epoch=1, images_per_step=1, enabled=False)
+    bar.close()
+    assert "evaluating" in capsys.readouterr().err
+    quiet = Progress(epochs=1, steps_per_epoch=1, enabled=False)
     quiet.start_epoch(0, first_in_process=True)
     quiet(1, {"loss_sum": np.zeros(1), "count": np.ones(1, int)})
+    quiet.close()
     assert capsys.readouterr().err == ""
 
 
@@ -82,10 +106,9 @@ def test_batch_metrics_leave_padding_out():
 def test_implementation_choices_are_recipe_fields():
     recipe = get_recipe("final")
     assert (recipe.conv_impl, recipe.dropout_impl) == ("auto", "fused")
-    engine = Engine.from_recipe(recipe, 60_000)
-    assert engine.model.conv_impl == ("im2col" if jax.devices()[0].platform == "cpu" else "xla")
-    other = Engine.from_recipe(with_overrides(recipe, {"conv_impl": "xla", "dropout_impl": "flax"}), 60_000)
-    assert (other.model.conv_impl, other.model.dropout_impl) == ("xla", "flax")
+    assert make_model(recipe, "cpu").conv_impl == "im2col" and make_model(recipe, "gpu").conv_impl == "xla"
+    other = make_model(with_overrides(recipe, {"conv_impl": "xla", "dropout_impl": "flax"}), "cpu")
+    assert (other.conv_impl, other.dropout_impl) == ("xla", "flax")
     with pytest.raises(ConfigError, match="conv_impl must be auto, im2col or xla, found 'fft'"):
         with_overrides(recipe, {"conv_impl": "fft"})
     with pytest.raises(ConfigError, match="dropout_impl must be fused or flax, found 'numpy'"):
@@ -137,7 +160,9 @@ def test_every_imported_package_is_declared():
     missing = {}
     for path in sorted((REPO / "jax_mnist").rglob("*.py")):
         # The reference models and the PyTorch side of the benchmark need the test extra (documented).
-        declared = runtime | (test_extra if "reference" in path.parts or path.name in ("bench.py", "torch_io.py") else set())
+        declared = runtime | (
+            test_extra if "reference" in path.parts or path.name in ("bench.py", "torch_io.py") else set()
+        )
         for module in _imported_modules(path) - set(sys.stdlib_module_names) - {"jax_mnist"} - OPTIONAL:
             names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
             if not names & declared:

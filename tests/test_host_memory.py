@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 # Model 8's training step at batch 256 frees a 192 MB temporary block after every call.
 PROBE = """
 import resource
@@ -15,17 +17,22 @@ from jax_mnist import host_memory
 host_memory.apply_from_env()  # what the jax-mnist command and the scripts do first
 import jax, jax.numpy as jnp
 from jax_mnist.recipes import get_recipe, with_overrides
-from jax_mnist.engine import Engine
+from jax_mnist.engine import ProgramConfig, programs_for
 recipe = with_overrides(get_recipe("final"), {"batch_size": 256, "dropout_rate": 0.0})
-engine = Engine.from_recipe(recipe, 60_000)
-state = engine.init(jax.random.key(0))
-images, labels = jnp.zeros((256, 28, 28, 1), jnp.uint8), jnp.zeros((256,), jnp.int32)
-step = engine.train_step
-jax.block_until_ready(step(state, images, labels, jax.random.key(1)))
+programs = programs_for(ProgramConfig(recipe, 256))
+states, keys = programs.init_seeds([0])
+data = programs.place_data((jnp.zeros((256, 28, 28, 1), jnp.uint8), jnp.zeros((256,), jnp.int32)))
+orders = programs.shuffle(keys.shuffle, 0)
+first, last = jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32)
+def step():  # one step of the epoch-chunk program training runs
+    global states
+    states, sums = programs.train_chunk(states, *data, orders, keys.step, first, last)
+    jax.block_until_ready((states, sums))
+step()
 faults = []
 for _ in range(5):  # the heap may still grow once while it settles: the median counts
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    jax.block_until_ready(step(state, images, labels, jax.random.key(1)))
+    step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(host_memory.applied(), sorted(faults)[2])
 """
@@ -53,8 +60,11 @@ def test_train_step_reuses_host_memory():
 
 
 def test_import_changes_no_process_setting():
-    code = ("import jax_mnist, jax_mnist.engine, jax_mnist.run, jax_mnist.cli; from jax_mnist import host_memory; "
-            "print(host_memory.applied())")
+    code = (
+        "import jax_mnist, jax_mnist.engine, jax_mnist.run, jax_mnist.cli; from jax_mnist import "
+        "host_memory; "
+        "print(host_memory.applied())"
+    )
     env = {**os.environ, "JAX_MNIST_KEEP_HOST_MEMORY": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -17,6 +17,8 @@ import pytest
 from jax_mnist import hosts
 from tests.helpers import final_params
 
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 EXAMPLES = 1024
 TRAIN = ["train", "--recipe", "final", "--seeds", "1-2", "--train-examples", str(EXAMPLES), "--no-download"]
 
@@ -30,10 +32,28 @@ def free_port() -> int:
 def start_processes(args: list[str], data_dir, devices_per_process: int = 1) -> list[subprocess.Popen]:
     """``jax-mnist <args>`` as processes 0 and 1 of one run, each with its own forced CPU devices."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    common = [sys.executable, "-m", "jax_mnist", *args, "--data-dir", str(data_dir),
-              "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]  # fmt: skip
-    return [subprocess.Popen([*common, "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env) for i in range(2)]  # fmt: skip
+    common = [
+        sys.executable,
+        "-m",
+        "jax_mnist",
+        *args,
+        "--data-dir",
+        str(data_dir),
+        "--coordinator",
+        f"127.0.0.1:{free_port()}",
+        "--num-processes",
+        "2",
+    ]
+    return [
+        subprocess.Popen(
+            [*common, "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
 
 
 def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str, str]]:
@@ -49,21 +69,28 @@ def rows(run_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("devices_per_process", [1, 2])
-def test_two_processes_train_each_seed_as_one_process_does(tmp_path, mnist, mnist_data_dir, devices_per_process):
+def test_two_processes_train_each_seed_as_one_process_does(
+    tmp_path, mnist, mnist_data_dir, devices_per_process
+):
     """One device each: the seeds are split over the processes (seed 1 on process 0, seed 2 on
     process 1); two each: two seeds on four devices split every batch over both processes."""
     from jax_mnist.recipes import get_recipe, with_overrides
     from jax_mnist.run import seed_dirs, train_seeds
 
     out = tmp_path / "two"
-    (p0, out0, err0), (p1, out1, err1) = finish(start_processes([*TRAIN, "--epochs", "1", "--out", str(out)],
-                                                                mnist_data_dir, devices_per_process))  # fmt: skip
+    (p0, out0, err0), (p1, out1, err1) = finish(
+        start_processes([*TRAIN, "--epochs", "1", "--out", str(out)], mnist_data_dir, devices_per_process)
+    )
     assert p0 == 0 and p1 == 0, err0 + err1
     assert "epoch  1/1 seed 1" in out0 and "epoch  1/1 seed 2" in out0
-    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == [], "only process 0 prints"
+    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == [], (
+        "only process 0 prints"
+    )
 
     recipe = with_overrides(get_recipe("final"), {"epochs": 1})
-    alone = train_seeds(recipe, mnist, seed_dirs(tmp_path / "one", [1, 2]), train_examples=EXAMPLES, log=lambda s: None)
+    alone = train_seeds(
+        recipe, mnist, seed_dirs(tmp_path / "one", [1, 2]), train_examples=EXAMPLES, log=lambda s: None
+    )
     for seed in (1, 2):
         run_dir = out / f"seed-{seed}"
         config = json.loads((run_dir / "config.json").read_text())
@@ -77,8 +104,10 @@ def test_two_processes_train_each_seed_as_one_process_does(tmp_path, mnist, mnis
         # a split batch sums in another order, and a rotated pixel on an exact tie can land on the
         # other side): 4 steps at lr 0.1 carry that to 2e-4 (seeds split) and 6e-3 (batch split) in
         # the first layer's weights. A wrong or swapped state is off by far more (weights ~0.1).
-        for a, b in zip(jax.tree_util.tree_leaves(final_params(run_dir)),
-                        jax.tree_util.tree_leaves(final_params(tmp_path / "one" / f"seed-{seed}"))):  # fmt: skip
+        for a, b in zip(
+            jax.tree_util.tree_leaves(final_params(run_dir)),
+            jax.tree_util.tree_leaves(final_params(tmp_path / "one" / f"seed-{seed}")),
+        ):
             np.testing.assert_allclose(a, b, atol=2e-2)
 
 
@@ -113,12 +142,26 @@ def test_killing_one_process_stops_the_other_and_resume_completes(tmp_path, mnis
 
 def test_a_study_runs_as_two_processes(tmp_path, mnist_data_dir):
     out = tmp_path / "study"
-    args = ["study", "--out", str(out), "--recipes", "model_4_batchnorm", "--seeds", "1-2", "--max-epochs", "1",
-            "--train-examples", str(EXAMPLES), "--no-download"]  # fmt: skip
+    args = [
+        "study",
+        "--out",
+        str(out),
+        "--recipes",
+        "model_4_batchnorm",
+        "--seeds",
+        "1-2",
+        "--max-epochs",
+        "1",
+        "--train-examples",
+        str(EXAMPLES),
+        "--no-download",
+    ]
     (p0, out0, err0), (p1, out1, err1) = finish(start_processes(args, mnist_data_dir))
     assert p0 == 0 and p1 == 0, err0 + err1
     assert "nothing left" in out0
-    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == [], "only process 0 prints"
+    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == [], (
+        "only process 0 prints"
+    )
     for seed in (1, 2):
         assert [row["epoch"] for row in rows(out / "model_4_batchnorm" / f"seed-{seed}")] == [1]
 
@@ -127,20 +170,32 @@ def test_an_error_of_process_0_reaches_the_other(tmp_path, mnist_data_dir):
     out = tmp_path / "taken"
     (out / "seed-1").mkdir(parents=True)
     (out / "seed-1" / "notes.txt").write_text("not a run")
-    (p0, _, err0), (p1, _, err1) = finish(start_processes([*TRAIN, "--epochs", "1", "--out", str(out)], mnist_data_dir))
+    (p0, _, err0), (p1, _, err1) = finish(
+        start_processes([*TRAIN, "--epochs", "1", "--out", str(out)], mnist_data_dir)
+    )
     assert p0 == 2 and p1 == 2, err0 + err1
     assert str(out / "seed-1") in err0.splitlines()[-1]
     assert "process 1 of 2: process 0 stopped:" in err1 and str(out / "seed-1") in err1, err1
     assert "Traceback" not in err0 + err1
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
-    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be from 0 to 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (
+            ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be from 0 to 1",
+        ),
+    ],
+)
 def test_bad_process_options_are_one_line_errors(tmp_path, flags, message):
-    done = subprocess.run([sys.executable, "-m", "jax_mnist", *TRAIN, "--out", str(tmp_path / "r"), *flags],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "jax_mnist", *TRAIN, "--out", str(tmp_path / "r"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 

@@ -8,9 +8,15 @@ import pytest
 from PIL import Image
 
 from jax_mnist.cli import main
-from jax_mnist.inference import evaluation_paths, inference_model, log_probabilities, read_image, read_predictions, variables_of
+from jax_mnist.inference import (
+    evaluation_paths,
+    inference_model,
+    log_probabilities,
+    read_image,
+    read_predictions,
+    variables_of,
+)
 from jax_mnist.rundir import load_run
-
 from tests.helpers import SMALL
 
 
@@ -40,7 +46,9 @@ def test_evaluate_matches_the_runs_own_test_figures(run_dir, mnist_data_dir, cap
     predictions = read_predictions(predictions_path)
     wrong = np.flatnonzero(predictions.predicted != predictions.label)
     assert sorted(predictions.misclassified_index.tolist()) == wrong.tolist()
-    confidence = predictions.probabilities[predictions.misclassified_index, predictions.predicted[predictions.misclassified_index]]
+    confidence = predictions.probabilities[
+        predictions.misclassified_index, predictions.predicted[predictions.misclassified_index]
+    ]
     assert np.all(np.diff(confidence) <= 0)  # most confident first
     assert predictions.misclassified_images.shape == (len(wrong), 28, 28, 1)
     np.testing.assert_allclose(predictions.probabilities.sum(1), 1.0, atol=1e-5)
@@ -82,7 +90,10 @@ def test_predict_reads_any_image_as_an_mnist_digit(run_dir, mnist, tmp_path, cap
     run = load_run(run_dir)
     expected = np.exp(log_probabilities(inference_model(run.recipe), variables_of(run), plain[None]))[0]
     assert lines[0].startswith(f"{paths[0]}: {int(np.argmax(expected))} (probability {expected.max():.4f})")
-    assert lines[2].split(":", 1)[1] == lines[0].split(":", 1)[1] + "; inverted (dark digit on a light background)"
+    assert (
+        lines[2].split(":", 1)[1]
+        == lines[0].split(":", 1)[1] + "; inverted (dark digit on a light background)"
+    )
 
 
 def test_predict_bad_images(run_dir, tmp_path, capsys):
@@ -95,6 +106,7 @@ def test_predict_bad_images(run_dir, tmp_path, capsys):
 
 def test_export_to_pytorch_loads_into_the_original_class(run_dir, test_batch, tmp_path):
     import torch
+
     from jax_mnist.reference.torch_models import torch_model
     from jax_mnist.torch_io import load_torch_state_dict
 
@@ -125,15 +137,19 @@ def test_export_to_stablehlo_reloads_for_any_batch_size(run_dir, test_images_raw
     run = load_run(run_dir)
     expected = log_probabilities(inference_model(run.recipe), variables_of(run), test_images_raw)
     for batch in (1, 7, 64):
-        np.testing.assert_allclose(np.asarray(exported.call(test_images_raw[:batch])), expected[:batch], atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(exported.call(test_images_raw[:batch])), expected[:batch], atol=1e-4
+        )
 
 
 def test_export_errors(run_dir, tmp_path, capsys):
-    from jax_mnist.export import load_stablehlo
     from jax_mnist.errors import CheckpointError
+    from jax_mnist.export import load_stablehlo
 
     (tmp_path / "junk").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="not a serialized jax.export function"):
         load_stablehlo(tmp_path / "junk")
-    assert main(["export", str(run_dir), "--to", "pytorch", str(tmp_path / "no" / "such" / "dir" / "m.pt")]) == 2
+    assert (
+        main(["export", str(run_dir), "--to", "pytorch", str(tmp_path / "no" / "such" / "dir" / "m.pt")]) == 2
+    )
     assert "cannot write" in capsys.readouterr().err

@@ -15,38 +15,55 @@ from jax_mnist.errors import CheckpointError
 
 def one_line_error(capsys, argv, message, tmp_path=None):
     code = main(argv)
-    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("[jax_mnist.data]"))
+    err = "".join(
+        line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("[jax_mnist.data]")
+    )
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("degrees=nan", "degrees must be a finite number in [0, 180], found nan"),
-    ("momentum=-5", "momentum must be a finite number in [0, 1), found -5.0"),
-    ("dropout_rate=1.0", "dropout_rate must be a finite number in [0, 1), found 1.0"),
-    ("dropout_rate=-0.5", "dropout_rate must be a finite number in [0, 1), found -0.5"),
-    ("lr=inf", "lr must be a finite number > 0, found inf"),
-    ("gamma=0", "gamma must be a finite number in (0, 1], found 0.0"),
-    ("scale_min=2", "scale_min must be <= scale_max (1.0), found 2.0"),
-    ("base_momentum=0.99", "base_momentum must be <= max_momentum (0.95), found 0.99"),
-    ("epochs=2.5", "epochs takes an int, found '2.5'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("degrees=nan", "degrees must be a finite number in [0, 180], found nan"),
+        ("momentum=-5", "momentum must be a finite number in [0, 1), found -5.0"),
+        ("dropout_rate=1.0", "dropout_rate must be a finite number in [0, 1), found 1.0"),
+        ("dropout_rate=-0.5", "dropout_rate must be a finite number in [0, 1), found -0.5"),
+        ("lr=inf", "lr must be a finite number > 0, found inf"),
+        ("gamma=0", "gamma must be a finite number in (0, 1], found 0.0"),
+        ("scale_min=2", "scale_min must be <= scale_max (1.0), found 2.0"),
+        ("base_momentum=0.99", "base_momentum must be <= max_momentum (0.95), found 0.99"),
+        ("epochs=2.5", "epochs takes an int, found '2.5'"),
+    ],
+)
 def test_recipe_fields_are_checked_before_anything_is_written(setting, message, capsys, tmp_path):
     out = tmp_path / "run"
     one_line_error(capsys, ["train", "--recipe", "final", "--set", setting, "--out", str(out)], message)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--recipe", "final", "--seed", "99999999999999999999"], "argument --seed: must be from 0 to"),
-    (["train", "--recipe", "final", "--seed", "-1"], "argument --seed: must be from 0 to"),
-    (["train", "--recipe", "final", "--train-examples", "0"], "argument --train-examples: must be >= 1, found 0"),
-    (["show-augment", "--copies", "-2"], "argument --copies: must be from 1 to 100, found -2"),
-    (["show-augment", "--images", "0"], "argument --images: must be from 1 to 10000, found 0"),
-    (["show-augment", "--degrees", "inf"], "argument --degrees: must be a finite number in [0, 180], found inf"),
-    (["bench", "--steps", "0"], "argument --steps: must be >= 1, found 0"),
-    (["bench", "--warmup", "x"], "argument --warmup: takes a whole number, found 'x'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["train", "--recipe", "final", "--seed", "99999999999999999999"],
+            "argument --seed: must be from 0 to",
+        ),
+        (["train", "--recipe", "final", "--seed", "-1"], "argument --seed: must be from 0 to"),
+        (
+            ["train", "--recipe", "final", "--train-examples", "0"],
+            "argument --train-examples: must be >= 1, found 0",
+        ),
+        (["show-augment", "--copies", "-2"], "argument --copies: must be from 1 to 100, found -2"),
+        (["show-augment", "--images", "0"], "argument --images: must be from 1 to 10000, found 0"),
+        (
+            ["show-augment", "--degrees", "inf"],
+            "argument --degrees: must be a finite number in [0, 180], found inf",
+        ),
+        (["bench", "--steps", "0"], "argument --steps: must be >= 1, found 0"),
+        (["bench", "--warmup", "x"], "argument --warmup: takes a whole number, found 'x'"),
+    ],
+)
 def test_cli_numbers_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -56,8 +73,11 @@ def test_cli_numbers_are_checked(argv, message, capsys):
 
 
 def test_show_augment_scale_order(capsys, tmp_path):
-    one_line_error(capsys, ["show-augment", "--scale", "1.2", "0.8", "--out", str(tmp_path / "a.png")],
-                   "--scale MIN MAX: MIN must be <= MAX, found 1.2 > 0.8")  # fmt: skip
+    one_line_error(
+        capsys,
+        ["show-augment", "--scale", "1.2", "0.8", "--out", str(tmp_path / "a.png")],
+        "--scale MIN MAX: MIN must be <= MAX, found 1.2 > 0.8",
+    )
     assert not (tmp_path / "a.png").exists()
 
 
@@ -68,12 +88,26 @@ def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys, mnist_dat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(jax_mnist.run, "train_seeds", interrupted)
-    code = main(["train", "--recipe", "final", "--seed", "3", "--out", str(tmp_path / "r"),
-                 "--data-dir", str(mnist_data_dir), "--no-download"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "final",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-dir",
+            str(mnist_data_dir),
+            "--no-download",
+        ]
+    )
     assert code == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith(f"continue with jax-mnist train --recipe final --seed 3 --out {tmp_path / 'r'} --data-dir "
-                        f"{mnist_data_dir} --no-download --resume")
+    assert err.endswith(
+        f"continue with jax-mnist train --recipe final --seed 3 --out {tmp_path / 'r'} --data-dir "
+        f"{mnist_data_dir} --no-download --resume"
+    )
 
 
 @pytest.mark.slow
@@ -85,10 +119,25 @@ def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir,
     import sys
 
     out = tmp_path / "r"
-    argv = ["train", "--recipe", "final", "--epochs", "2", "--train-examples", "1000", "--batch-size", "128",
-            "--out", str(out), "--data-dir", str(mnist_data_dir), "--no-download"]
-    proc = subprocess.Popen([sys.executable, "-m", "jax_mnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    argv = [
+        "train",
+        "--recipe",
+        "final",
+        "--epochs",
+        "2",
+        "--train-examples",
+        "1000",
+        "--batch-size",
+        "128",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(mnist_data_dir),
+        "--no-download",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jax_mnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stdout:
         if line.startswith("epoch  1/2"):
             proc.send_signal(signal.SIGTERM)
@@ -96,10 +145,14 @@ def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("jax-mnist train: terminated (SIGTERM); every finished epoch is checkpointed: continue with ")
+    assert last.startswith(
+        "jax-mnist train: terminated (SIGTERM); every finished epoch is checkpointed: continue with "
+    )
     command = shlex.split(last.split("continue with ", 1)[1])
     assert command[0] == "jax-mnist" and command[-1] == "--resume"
-    done = subprocess.run([sys.executable, "-m", "jax_mnist", *command[1:]], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "jax_mnist", *command[1:]], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -114,14 +167,19 @@ def test_a_crc_failure_says_corrupt_gzip_data(tmp_path):
 
 
 def test_offline_without_files_fails_at_once_and_leaves_nothing(monkeypatch, tmp_path):
-    monkeypatch.setattr(data_lib, "_network_reachable", lambda timeout=3.0: "example.invalid unreachable: no route")
+    monkeypatch.setattr(
+        data_lib, "_network_reachable", lambda timeout=3.0: "example.invalid unreachable: no route"
+    )
     called = []
     monkeypatch.setattr(data_lib, "_tfds_download", lambda data_dir: called.append(data_dir))
-    with pytest.raises(DataError, match="no MNIST files found and no network for tfds' download .* put the four official"):
+    with pytest.raises(
+        DataError, match="no MNIST files found and no network for tfds' download .* put the four official"
+    ):
         load_mnist(tmp_path / "tfds", download=True, log=lambda s: None)
     assert called == [] and not any((tmp_path / "tfds").rglob("*.tmp*"))
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_an_unwritable_cache_is_a_note_not_a_failure(monkeypatch, mnist_data_dir, tmp_path):
     data_dir = tmp_path / "tfds"
     shutil.copytree(mnist_data_dir, data_dir)
@@ -139,13 +197,16 @@ def test_an_unwritable_cache_is_a_note_not_a_failure(monkeypatch, mnist_data_dir
     assert "not cached" in logged[-1] and "Read-only file system" in logged[-1]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_a_corrupt_prepared_dataset_names_its_directory(mnist_data_dir, tmp_path):
     data_dir = tmp_path / "tfds"
     shutil.copytree(mnist_data_dir, data_dir)
     (dataset_dir(data_dir) / data_lib.CACHE_NAME).unlink()
     for record in dataset_dir(data_dir).glob("mnist-test.array_record*"):
         record.write_bytes(record.read_bytes()[:100])
-    with pytest.raises(DataError, match="the prepared mnist is unreadable .*delete that directory and run again"):
+    with pytest.raises(
+        DataError, match="the prepared mnist is unreadable .*delete that directory and run again"
+    ):
         load_mnist(data_dir, download=False, log=lambda s: None)
 
 
@@ -201,7 +262,9 @@ def test_common_wrappers_are_unwrapped(wrap, tmp_path, model_4_state):
     path = tmp_path / "wrapped.pt"
     torch.save(wrapped, path)
     loaded = load_torch_state_dict("model_4_batchnorm", path)
-    np.testing.assert_array_equal(loaded["params"]["convblock1"]["conv"]["kernel"], plain["params"]["convblock1"]["conv"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["params"]["convblock1"]["conv"]["kernel"], plain["params"]["convblock1"]["conv"]["kernel"]
+    )
 
 
 def test_a_wrong_rank_tensor_names_its_key(model_4_state):
@@ -209,16 +272,32 @@ def test_a_wrong_rank_tensor_names_its_key(model_4_state):
 
     bad = dict(model_4_state)
     bad["convblock1.0.weight"] = bad["convblock1.0.weight"].flatten()
-    with pytest.raises(CheckpointError, match=r"key 'convblock1.0.weight' has shape \(90,\), expected \(10, 1, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"key 'convblock1.0.weight' has shape \(90,\), expected \(10, 1, 3, 3\)"
+    ):
         load_torch_state_dict("model_4_batchnorm", bad)
 
 
+@pytest.mark.slow  # spawns processes
 def test_preparing_the_data_off_a_terminal_prints_only_our_lines(mnist_files, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "data", "--data-dir", str(tmp_path / "tfds"),
-                           "--mnist-files", str(mnist_files)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_mnist",
+            "data",
+            "--data-dir",
+            str(tmp_path / "tfds"),
+            "--mnist-files",
+            str(mnist_files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("train (60000, 28, 28, 1)") and proc.stdout.count("\n") == 1
     assert all(line.startswith("[jax_mnist.data] ") for line in proc.stderr.splitlines()), proc.stderr
@@ -228,6 +307,9 @@ def test_preparing_the_data_off_a_terminal_prints_only_our_lines(mnist_files, tm
 def test_an_out_that_is_a_file_is_refused(capsys, mnist_data_dir, tmp_path):
     out = tmp_path / "file"
     out.write_text("mine")
-    one_line_error(capsys, ["train", "--recipe", "final", "--out", str(out), "--data-dir", str(mnist_data_dir),
-                            "--no-download"], f"{out}: not a directory")  # fmt: skip
+    one_line_error(
+        capsys,
+        ["train", "--recipe", "final", "--out", str(out), "--data-dir", str(mnist_data_dir), "--no-download"],
+        f"{out}: not a directory",
+    )
     assert out.read_text() == "mine"

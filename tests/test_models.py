@@ -1,10 +1,18 @@
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jax_mnist.errors import ConfigError
-from jax_mnist.models import MODEL_NAMES, count_params, get_model, init_variables, resolve_conv_impl, summarize
+from jax_mnist.models import (
+    MODEL_NAMES,
+    count_params,
+    get_model,
+    init_variables,
+    resolve_conv_impl,
+    summarize,
+)
 
 EXPECTED_PARAMS = {
     "model_1_setup": 6_379_786,
@@ -69,18 +77,41 @@ def test_summary_receptive_fields_of_model_2_match_spec():
     assert rfs == [3, 5, 6, 10, 14, 16, 16, 28]
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "model_1_setup"] + ["model_1_setup"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_shapes_in_both_modes(name, test_batch):
+    """Traced, not compiled (fast): (N, 10) in eval and train mode, batch_stats only where BN is."""
+    model = get_model(name)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(1)))
+    logp = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, test_batch[:8])
+    out, updates = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
+        ),
+        variables,
+        test_batch[:8],
+    )
+    assert logp.shape == out.shape == (8, 10) and logp.dtype == jnp.float32
+    assert jax.tree_util.tree_structure(updates.get("batch_stats", {})) == jax.tree_util.tree_structure(
+        variables["batch_stats"]
+    )
+
+
+@pytest.mark.slow  # compiles every model: seconds each on the 2-core CPU
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shapes_and_normalised_output(name, test_batch):
     model = get_model(name)
     variables = init_variables(model, jax.random.key(1))
-    logp = model.apply(variables, test_batch[:8], train=False)
+    # Compiled as a whole: op by op, the large models take tens of seconds.
+    logp = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, test_batch[:8])
     assert logp.shape == (8, 10)
     np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
-    out, updates = model.apply(variables, test_batch[:8], train=True, rngs={"dropout": jax.random.key(2)},
-                               mutable=["batch_stats"])  # fmt: skip
-    assert out.shape == (8, 10)
+    train_apply = jax.jit(
+        lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])[0]
+    )
+    assert train_apply(variables, test_batch[:8], jax.random.key(2)).shape == (8, 10)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_train_mode_updates_running_stats_like_pytorch(test_batch):
     """Running variance uses the unbiased batch variance, momentum 0.1 (PyTorch semantics)."""
     model = get_model("model_4_batchnorm")
@@ -88,32 +119,42 @@ def test_train_mode_updates_running_stats_like_pytorch(test_batch):
     _, updates = model.apply(variables, test_batch[:16], train=True, mutable=["batch_stats"])
     stats = updates["batch_stats"]["convblock1"]["bn"]
     conv = variables["params"]["convblock1"]["conv"]["kernel"]
-    y = jax.lax.conv_general_dilated(test_batch[:16], conv, (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    y = jax.lax.conv_general_dilated(
+        test_batch[:16], conv, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     y = np.asarray(y).reshape(-1, y.shape[-1])
     np.testing.assert_allclose(stats["mean"], 0.1 * y.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * y.var(0, ddof=1), rtol=1e-4)
 
 
+@pytest.mark.slow  # compiles model 5 in train mode
 def test_dropout_uses_dropout_rng_and_override_disables_it(test_batch):
     model = get_model("model_5_regularization")
     variables = init_variables(model, jax.random.key(0))
-    run = lambda m, k: m.apply(variables, test_batch[:8], train=True, rngs={"dropout": jax.random.key(k)},
-                               mutable=["batch_stats"])[0]  # fmt: skip
+    run = lambda m, k: m.apply(
+        variables, test_batch[:8], train=True, rngs={"dropout": jax.random.key(k)}, mutable=["batch_stats"]
+    )[0]
     assert not np.allclose(run(model, 1), run(model, 2))
     off = get_model("model_5_regularization", dropout_rate=0.0)
     np.testing.assert_array_equal(run(off, 1), run(off, 2))
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(flax.errors.InvalidRngError, match="dropout"):
         model.apply(variables, test_batch[:8], train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 @pytest.mark.parametrize("impl", ["fused", "flax"])
 def test_both_dropout_implementations_drop_at_the_rate(impl):
     # Model 5's dropout layer (rate 0.25) sits after block 2: count zeros where its input is not zero.
     model = get_model("model_5_regularization", dropout_impl=impl)
     variables = init_variables(model, jax.random.key(0))
-    _, state = model.apply(variables, jnp.ones((64, 28, 28, 1)), train=True, rngs={"dropout": jax.random.key(1)},
-                           capture_intermediates=True, mutable=["batch_stats", "intermediates"])  # fmt: skip
+    _, state = model.apply(
+        variables,
+        jnp.ones((64, 28, 28, 1)),
+        train=True,
+        rngs={"dropout": jax.random.key(1)},
+        capture_intermediates=True,
+        mutable=["batch_stats", "intermediates"],
+    )
     inputs = state["intermediates"]["convblock2"]["__call__"][0]
     outputs = state["intermediates"]["dropout"]["__call__"][0]
     dropped = float(jnp.sum((outputs == 0) & (inputs != 0)) / jnp.sum(inputs != 0))

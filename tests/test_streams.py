@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mnist.engine import Engine
+from jax_mnist.engine import ProgramConfig, programs_for
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.streams import run_keys, shuffle_key, stacked_run_keys, step_keys
 
@@ -42,7 +42,9 @@ def test_the_check_catches_the_old_derivation():
     run_key = jax.random.key(1)
     step_key = jax.random.fold_in(run_key, 2)
     consumed = [("init", jax.random.fold_in(run_key, 0))]
-    consumed += [(f"shuffle epoch {e}", jax.random.fold_in(jax.random.fold_in(step_key, 1), e)) for e in range(EPOCHS)]
+    consumed += [
+        (f"shuffle epoch {e}", jax.random.fold_in(jax.random.fold_in(step_key, 1), e)) for e in range(EPOCHS)
+    ]
     for step in range(EPOCHS * STEPS_PER_EPOCH):
         augment, dropout = jax.random.split(jax.random.fold_in(step_key, step))
         consumed += [(f"augment step {step}", augment), (f"dropout step {step}", dropout)]
@@ -54,14 +56,18 @@ def test_stacked_keys_are_each_seeds_own():
     stacked = stacked_run_keys([3, 8])
     for index, seed in enumerate([3, 8]):
         for field in ("init", "shuffle", "step"):
-            np.testing.assert_array_equal(jax.random.key_data(getattr(stacked, field)[index]),
-                                          jax.random.key_data(getattr(run_keys(seed), field)))  # fmt: skip
+            np.testing.assert_array_equal(
+                jax.random.key_data(getattr(stacked, field)[index]),
+                jax.random.key_data(getattr(run_keys(seed), field)),
+            )
 
 
 def test_engine_shuffles_with_the_epoch_key():
-    engine = Engine.from_recipe(with_overrides(get_recipe("model_3_lighter_model"), {"batch_size": 10}), 50)
-    _, keys = engine.init_seeds([5, 6])
-    orders = engine._programs["shuffle"](keys.shuffle, jnp.asarray(2, jnp.int32), 50)
+    programs = programs_for(
+        ProgramConfig(with_overrides(get_recipe("model_3_lighter_model"), {"batch_size": 10}), 50, 2)
+    )
+    _, keys = programs.init_seeds([5, 6])
+    orders = programs.shuffle(keys.shuffle, jnp.asarray(2, jnp.int32))
     for index, seed in enumerate([5, 6]):
         expected = jax.random.permutation(shuffle_key(run_keys(seed).shuffle, 2), 50)
         np.testing.assert_array_equal(orders[index], expected)

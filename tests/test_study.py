@@ -6,7 +6,6 @@ import pytest
 
 from jax_mnist.cli import main
 from jax_mnist.study import describe_plan, plan, read_study, run_study, seed_epoch_seconds, study_recipe
-
 from tests.helpers import SUBSET
 from tests.test_report import EPOCHS, write_fake_run
 
@@ -29,8 +28,10 @@ def test_estimates_come_from_the_studys_own_timings(tmp_path):
     study = read_study(tmp_path)
     assert seed_epoch_seconds(study_recipe("final", EPOCHS), study) == (30.0, "measured")
     # Model 7 has model 8's multiply-adds (to 0.1 %): its time is taken as theirs.
-    assert seed_epoch_seconds(study_recipe("model_7_max_capacity", EPOCHS), study) == \
-        (30.0, "from a network of about this size")  # fmt: skip
+    assert seed_epoch_seconds(study_recipe("model_7_max_capacity", EPOCHS), study) == (
+        30.0,
+        "from a network of about this size",
+    )
     # Model 2 is ten times the size and nothing that size is timed: no number is made up.
     assert seed_epoch_seconds(study_recipe("model_2_skeleton", EPOCHS), study) is None
     write_fake_run(tmp_path / "model_2_skeleton" / "seed-1", "model_2_skeleton", 1, [98.0] * EPOCHS, 60.0)
@@ -42,13 +43,30 @@ def test_estimates_come_from_the_studys_own_timings(tmp_path):
     assert f"~{EPOCHS * 30 / 60:.0f} min (measured)" in text
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_study_trains_what_is_left_and_resumes(mnist, mnist_data_dir, tmp_path, capsys):
     """Seed 1 first (an interrupted study), then seeds 1-2: seed 1 is left as it was, 2 is trained."""
     lines = []
-    run_study(tmp_path, ["model_3_lighter_model"], [1], mnist, max_epochs=1, train_examples=SUBSET, log=lines.append)
+    run_study(
+        tmp_path, ["model_3_lighter_model"], [1], mnist, max_epochs=1, train_examples=SUBSET, log=lines.append
+    )
     first = (tmp_path / "model_3_lighter_model" / "seed-1" / "metrics.jsonl").read_text()
-    args = ["study", "--out", str(tmp_path), "--recipes", "model_3_lighter_model", "--seeds", "1-2",
-            "--max-epochs", "1", "--train-examples", str(SUBSET), "--data-dir", str(mnist_data_dir), "--no-download"]
+    args = [
+        "study",
+        "--out",
+        str(tmp_path),
+        "--recipes",
+        "model_3_lighter_model",
+        "--seeds",
+        "1-2",
+        "--max-epochs",
+        "1",
+        "--train-examples",
+        str(SUBSET),
+        "--data-dir",
+        str(mnist_data_dir),
+        "--no-download",
+    ]
     assert main(args + ["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "left: 1 recipe(s), 1 seed-epochs" in out and "(measured)" in out
@@ -60,10 +78,13 @@ def test_study_trains_what_is_left_and_resumes(mnist, mnist_data_dir, tmp_path, 
     assert "nothing left" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seeds", "1-x"], "--seeds takes seeds like 1-5"),
-    (["--recipes", "model_9"], "invalid choice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "1-x"], "--seeds takes seeds like 1-5"),
+        (["--recipes", "model_9"], "invalid choice"),
+    ],
+)
 def test_study_bad_arguments(args, message, tmp_path, capsys):
     try:
         code = main(["study", "--out", str(tmp_path), "--dry-run", *args])
@@ -82,9 +103,23 @@ def test_runs_of_another_identity_are_not_counted_as_this_studys(tmp_path, capsy
     config_path.write_text(json.dumps({**config, "train_examples": 1024}))
     with pytest.raises(StudyError, match=r"final/seed-1 \(train_examples: 1024 there, 60000 asked\)"):
         plan(tmp_path, ["final"], [1, 2], max_epochs=EPOCHS)
-    assert plan(tmp_path, ["final"], [1, 2], max_epochs=EPOCHS, train_examples=1024)[0].epochs_left == {2: EPOCHS}
-    code = main(["study", "--out", str(tmp_path), "--recipes", "final", "--seeds", "1-2", "--max-epochs", str(EPOCHS),
-                 "--dry-run"])
+    assert plan(tmp_path, ["final"], [1, 2], max_epochs=EPOCHS, train_examples=1024)[0].epochs_left == {
+        2: EPOCHS
+    }
+    code = main(
+        [
+            "study",
+            "--out",
+            str(tmp_path),
+            "--recipes",
+            "final",
+            "--seeds",
+            "1-2",
+            "--max-epochs",
+            str(EPOCHS),
+            "--dry-run",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "hold other runs than this study asks for" in err
 

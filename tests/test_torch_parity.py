@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-
 import torch  # a test dependency (the `test` extra); parity is a core test, never skipped
 
+from jax_mnist.errors import CheckpointError  # noqa: E402
 from jax_mnist.models import get_model, load_torch_state_dict  # noqa: E402
-from jax_mnist.zoo import ORIGINAL_MODEL_NAMES  # noqa: E402
 from jax_mnist.reference.torch_models import randomize, torch_model  # noqa: E402
+from jax_mnist.zoo import ORIGINAL_MODEL_NAMES  # noqa: E402
 
 TOL = 1e-5
 
@@ -23,14 +23,23 @@ def _torch_logp(model, batch_nhwc, train):
 
 
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
-@pytest.mark.parametrize("name", ORIGINAL_MODEL_NAMES)
+@pytest.mark.parametrize(
+    "name",
+    # The two large nets compile for seconds: slow tier.
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in ("model_1_setup", "model_2_skeleton") else n
+        for n in ORIGINAL_MODEL_NAMES
+    ],
+)
 def test_parity_with_pytorch(name, conv_impl, test_batch):
     torch.manual_seed(0)
     reference = randomize(torch_model(name), seed=1)
     variables = load_torch_state_dict(name, reference.state_dict())
     model = get_model(name, dropout_rate=0.0, conv_impl=conv_impl)
-    eval_diff = np.abs(np.asarray(model.apply(variables, test_batch, train=False))
-                       - _torch_logp(reference, test_batch, train=False)).max()  # fmt: skip
+    eval_diff = np.abs(
+        np.asarray(model.apply(variables, test_batch, train=False))
+        - _torch_logp(reference, test_batch, train=False)
+    ).max()
     train_out, updates = model.apply(variables, test_batch, train=True, mutable=["batch_stats"])
     train_diff = np.abs(np.asarray(train_out) - _torch_logp(reference, test_batch, train=True)).max()
     print(f"{name} ({conv_impl}): max |diff| eval {eval_diff:.2e} train {train_diff:.2e}")
@@ -55,7 +64,7 @@ def test_pt_file_is_read_with_weights_only(tmp_path):
     # A pickle holding arbitrary objects is refused by weights_only loading.
     bad = tmp_path / "bad.pt"
     torch.save({"x": object()}, bad)
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match="not a plain state_dict: it holds Python objects"):
         load_torch_state_dict("model_8_dropout_maxpool", bad)
 
 
@@ -69,13 +78,16 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
     with pytest.raises(ValueError, match=r"unexpected keys \['fc.weight'\]"):
         load_torch_state_dict("model_7_max_capacity", extra)
     wrong = dict(state, **{"convblock7.0.weight": np.zeros((10, 20, 3, 3), np.float32)})
-    with pytest.raises(ValueError, match=r"'convblock7.0.weight' has shape \(10, 20, 3, 3\), expected \(12, 20, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"'convblock7.0.weight' has shape \(10, 20, 3, 3\), expected \(12, 20, 3, 3\)"
+    ):
         load_torch_state_dict("model_7_max_capacity", wrong)
     # Model 8's checkpoint has BatchNorm at index 2 (conv, ReLU, BN): model 7's layout is refused.
     with pytest.raises(ValueError, match="convblock1.2.weight"):
         load_torch_state_dict("model_8_dropout_maxpool", state)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_max_pool_values_and_gradient_match_pytorch_with_ties():
     import jax
 
@@ -93,6 +105,7 @@ def test_max_pool_values_and_gradient_match_pytorch_with_ties():
     np.testing.assert_array_equal(np.asarray(grad), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 @pytest.mark.parametrize("name", ["model_5_regularization", "model_8_dropout_maxpool"])
 def test_gradients_match_pytorch(name, test_batch):
     """Loss gradients of every parameter (train-mode BN, dropout off) agree with PyTorch's backward."""
@@ -141,6 +154,9 @@ def test_the_training_loss_is_torch_cross_entropy(label_smoothing):
     logits = rng.normal(size=(32, 10)).astype(np.float32) * 3
     labels = rng.integers(0, 10, 32)
     ours = float(training_loss(jax.nn.log_softmax(logits), labels, label_smoothing))
-    theirs = float(torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(torch.from_numpy(logits),
-                                                                              torch.from_numpy(labels)))  # fmt: skip
+    theirs = float(
+        torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(
+            torch.from_numpy(logits), torch.from_numpy(labels)
+        )
+    )
     assert ours == pytest.approx(theirs, rel=1e-6)

@@ -1,3 +1,4 @@
+import functools
 import json
 import subprocess
 import sys
@@ -7,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_mnist.engine import Engine, compiler_options
+from jax_mnist import engine
+from jax_mnist.engine import ProgramConfig, compiler_options, programs_for
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
 from jax_mnist.rundir import read_metrics
-
 from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, kill_then_resume, numbers, small_recipe
+
 
 def test_metrics_file_and_config(straight_run):
     out, history = straight_run
@@ -47,12 +49,23 @@ def test_interrupted_then_resumed_equals_straight(straight_run, mnist, tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, log=lambda s: None, on_epoch_end=stop_after_two)
-    resumed = train(small_recipe(), mnist, out, seed=1, train_examples=SUBSET, resume=True, log=lambda s: None)
+        train(
+            small_recipe(),
+            mnist,
+            out,
+            seed=1,
+            train_examples=SUBSET,
+            log=lambda s: None,
+            on_epoch_end=stop_after_two,
+        )
+    resumed = train(
+        small_recipe(), mnist, out, seed=1, train_examples=SUBSET, resume=True, log=lambda s: None
+    )
     assert numbers(resumed) == numbers(history)
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
 
 
+@pytest.mark.slow  # spawns processes
 def test_sigkill_mid_epoch_then_resume_equals_straight(straight_run, mnist_data_dir, tmp_path):
     out_straight, history = straight_run
     out = tmp_path / "killed"
@@ -65,48 +78,62 @@ def test_sigkill_mid_epoch_then_resume_equals_straight(straight_run, mnist_data_
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_a_few_steps_reduce_the_loss(mnist):
-    engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": 64}), 64)
-    state = engine.init(jax.random.key(0))
+    recipe = with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": 64})
+    model, tx = engine.make_model(recipe, "cpu"), engine.make_optimizer(recipe, 1)
+    step = jax.jit(functools.partial(engine.train_step, model, tx, engine.make_augment(recipe)))
+    state = engine.init_state(model, tx, jax.random.key(0))
     images, labels = jnp.asarray(mnist.train_images[:64]), jnp.asarray(mnist.train_labels[:64])
     losses = []
-    for step in range(8):
-        state, metrics = engine.train_step(state, images, labels, jax.random.key(step))
+    for index in range(8):
+        state, metrics = step(state, images, labels, jax.random.key(index))
         losses.append(float(metrics["loss_sum"]) / 64)
     assert losses[-1] < 0.8 * losses[0]
     assert int(state.step) == 8
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_evaluation_counts_every_test_image(mnist):
     """Batch sizes that do not divide 10,000 still score every image, with the same loss and accuracy."""
-    from jax_mnist.engine import normalize, preprocess
-
-    engine = Engine.from_recipe(get_recipe("model_4_batchnorm"), 60_000)
-    state = engine.init(jax.random.key(0))
-    logp = engine.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              normalize(preprocess(jnp.asarray(mnist.test_images))), train=False)  # fmt: skip
+    model = engine.make_model(get_recipe("model_4_batchnorm"), "cpu")
+    variables = engine.init_variables(model, jax.random.key(0))
+    logp = model.apply(
+        variables, engine.normalize(engine.preprocess(jnp.asarray(mnist.test_images))), train=False
+    )
     expected_accuracy = 100.0 * float(jnp.mean(jnp.argmax(logp, -1) == mnist.test_labels))
     expected_loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(mnist.test_labels)[:, None], -1)))
     for eval_batch_size in (3000, 4096):
-        engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"eval_batch_size": eval_batch_size}), 60_000)
-        result = engine.evaluate(state, mnist.test_images, mnist.test_labels)
+        sums = jax.jit(functools.partial(engine.eval_sums, model, batch_size=eval_batch_size))(
+            variables["params"], variables["batch_stats"], mnist.test_images, mnist.test_labels
+        )
+        result = engine.means(jax.device_get(sums))
         assert result["count"] == 10_000
         assert result["accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
         assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_epoch_uses_every_example_once_with_a_short_last_batch(mnist):
     n, batch = 300, 128  # 2 full batches and one of 44
-    engine = Engine.from_recipe(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n)
-    states, keys = engine.init_seeds([1])
-    states, sums = engine.train_epoch(states, jnp.asarray(mnist.train_images[:n]), jnp.asarray(mnist.train_labels[:n]),
-                                      keys, 0)  # fmt: skip
+    from jax_mnist.run import train_epoch
+
+    programs = programs_for(
+        ProgramConfig(with_overrides(get_recipe("model_4_batchnorm"), {"batch_size": batch}), n)
+    )
+    states, keys = programs.init_seeds([1])
+    states, sums = train_epoch(
+        programs, states, programs.place_data((mnist.train_images[:n], mnist.train_labels[:n])), keys, 0
+    )
     assert sums["count"].tolist() == [n] and states.step.tolist() == [3]
 
 
+@pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_non_finite_loss_stops_the_run(mnist, tmp_path):
     recipe = with_overrides(get_recipe("model_3_lighter_model"), {"epochs": 2, "batch_size": 100, "lr": 1e8})
-    with pytest.raises(NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped. No checkpoint was written yet"):
+    with pytest.raises(
+        NonFiniteLoss, match=r"epoch 1: training loss is nan; run stopped. No checkpoint was written yet"
+    ):
         train(recipe, mnist, tmp_path / "nan", train_examples=500, log=lambda s: None)
     assert read_metrics(tmp_path / "nan" / "metrics.jsonl") == []  # nothing recorded for the bad epoch
 
@@ -134,29 +161,76 @@ def test_bad_arguments(mnist, tmp_path):
     with pytest.raises(ValueError, match="lr takes a float, found 'fast'"):
         with_overrides(get_recipe("final"), {"lr": "fast"})
     with pytest.raises(RunError, match="batch size 512 is larger than the 100 training examples"):
-        train(with_overrides(get_recipe("final"), {"batch_size": 512}), mnist, tmp_path / "x", train_examples=100)
+        train(
+            with_overrides(get_recipe("final"), {"batch_size": 512}),
+            mnist,
+            tmp_path / "x",
+            train_examples=100,
+        )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--recipe", "nope"], "invalid choice: 'nope'"),
-    (["--recipe", "final", "--epochs", "0"], "epochs must be >= 1, found 0"),
-    (["--recipe", "final", "--batch-size", "0"], "batch_size must be >= 1, found 0"),
-    (["--recipe", "final", "--batch-size", "70000"], "batch size 70000 is larger than the 60000 training examples"),
-    (["--recipe", "final", "--set", "warp=9"], "unknown recipe field(s) ['warp']"),
-    (["--recipe", "final", "--set", "lr"], "--set takes FIELD=VALUE, found 'lr'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--recipe", "nope"], "invalid choice: 'nope'"),
+        (["--recipe", "final", "--epochs", "0"], "epochs must be >= 1, found 0"),
+        (["--recipe", "final", "--batch-size", "0"], "batch_size must be >= 1, found 0"),
+        (
+            ["--recipe", "final", "--batch-size", "70000"],
+            "batch size 70000 is larger than the 60000 training examples",
+        ),
+        (["--recipe", "final", "--set", "warp=9"], "unknown recipe field(s) ['warp']"),
+        (["--recipe", "final", "--set", "lr"], "--set takes FIELD=VALUE, found 'lr'"),
+    ],
+)
+@pytest.mark.slow  # spawns processes
 def test_cli_errors_are_one_line(args, message, mnist_data_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "train", *args, "--out", str(tmp_path / "o"),
-                           "--data-dir", str(mnist_data_dir), "--no-download"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_mnist",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "o"),
+            "--data-dir",
+            str(mnist_data_dir),
+            "--no-download",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes
 def test_cli_smoke_run(mnist_data_dir, tmp_path):
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, "-m", "jax_mnist", "train", "--recipe", "model_6_gap", "--epochs", "1",
-                           "--train-examples", "512", "--batch-size", "128", "--out", str(out),
-                           "--data-dir", str(mnist_data_dir), "--no-download"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_mnist",
+            "train",
+            "--recipe",
+            "model_6_gap",
+            "--epochs",
+            "1",
+            "--train-examples",
+            "512",
+            "--batch-size",
+            "128",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(mnist_data_dir),
+            "--no-download",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "epoch  1/1" in proc.stdout
     row = json.loads((out / "metrics.jsonl").read_text())
@@ -170,5 +244,4 @@ def test_compiler_options_apply_on_cpu_only():
     device = jax.devices()[0]
     expected = {"xla_cpu_use_fusion_emitters": False} if device.platform == "cpu" else {}
     assert compiler_options(device) == expected
-    assert Engine.from_recipe(small_recipe(), SUBSET).xla_options == expected
     assert compiler_options(namedtuple("Device", "platform")("gpu")) == {}

@@ -45,8 +45,9 @@ def block(cin, cout, k, *, bn=False, relu=True, order="bn_relu", dropout=0.0):
 class SequentialNet(nn.Module):
     """Models 2-8: convblock1, 2, pool1, convblock4, 5, pool2, convblock7, [gap], [convblock8]."""
 
-    def __init__(self, widths, *, last_kernel=3, bn=False, order="bn_relu", block_dropout=0.0,
-                 dropout=0.0, head="2x2"):
+    def __init__(
+        self, widths, *, last_kernel=3, bn=False, order="bn_relu", block_dropout=0.0, dropout=0.0, head="2x2"
+    ):
         super().__init__()
         w1, w2, w4, w5, w7 = widths
         kw = dict(bn=bn, order=order, dropout=block_dropout)
