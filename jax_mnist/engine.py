@@ -66,13 +66,8 @@ def torch_sgd(learning_rate, momentum, weight_decay=0.0, nesterov=False) -> opta
     )
 
 
-def make_schedules(recipe: Recipe, steps_per_epoch: int) -> tuple[schedules.Schedule, schedules.Schedule]:
-    """(learning rate, momentum) per optimizer step for ``recipe``."""
-    return schedules.for_recipe(recipe, steps_per_epoch)
-
-
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
-    lr, momentum = make_schedules(recipe, steps_per_epoch)
+    lr, momentum = schedules.for_recipe(recipe, steps_per_epoch)
     return optax.inject_hyperparams(torch_sgd)(
         learning_rate=lr, momentum=momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov
     )
@@ -405,7 +400,7 @@ class Programs:
         self.model = make_model(recipe, platform)
         self.tx = make_optimizer(recipe, self.steps_per_epoch)
         self.augment = make_augment(recipe)
-        self.lr_schedule = make_schedules(recipe, self.steps_per_epoch)[0]
+        self.lr_schedule = schedules.for_recipe(recipe, self.steps_per_epoch)[0]
         self.mesh = Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None
         self.splits_seeds = self.mesh is not None and config.seeds % self.mesh.size == 0
         # vmap when the seeds are split over devices (a loop over a split axis would serialise them)

@@ -105,11 +105,6 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def main_only(log: Callable[[str], None]) -> Callable[[str], None]:
-    """``log`` on the main process; a function that drops its message on the others."""
-    return log if is_main() else (lambda message: None)
-
-
 def describe() -> str:
     """e.g. "process 1 of 2" (for messages)."""
     return f"process {jax.process_index()} of {jax.process_count()}"

@@ -223,7 +223,7 @@ def train_seeds(
             f"batch size {recipe.batch_size} is larger than the {train_examples} training examples"
         )
     if not hosts.is_main():  # process 0 of a multi-process run prints, and alone reads and writes the runs
-        log, progress = hosts.main_only(log), False
+        log, progress = (lambda message: None), False
     programs = functools.partial(_programs, recipe, train_examples)
     with contextlib.ExitStack() as stack:
         runs = _shared_runs(

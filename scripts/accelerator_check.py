@@ -209,18 +209,8 @@ def part_bench(sizes: dict, limit: float, record) -> dict:
 
 def part_run(sizes: dict, out: Path, mnist_files: str | None, limit: float) -> dict:
     run_dir = out / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "jax_mnist",
-        "train",
-        "--recipe",
-        "final_onecycle",
-        *sizes["run_args"],
-        "--out",
-        str(run_dir),
-        "--no-download",
-    ]
+    cmd = [sys.executable, "-m", "jax_mnist", "train", "--recipe", "final_onecycle", *sizes["run_args"]]
+    cmd += ["--out", str(run_dir), "--no-download"]
     if not os.environ.get("JAX_MNIST_DATA_DIR"):  # prepared once, beside the check's own files
         cmd += ["--data-dir", str(out / "tfds")]
     if mnist_files:

@@ -26,36 +26,28 @@ def final_params(out):
     return jax.tree_util.tree_map(np.asarray, load_run(out).state)
 
 
+def jax_mnist_command(args: str | list, **options) -> list[str]:
+    """``python -m jax_mnist`` with ``args`` (a string is split on spaces) and then each option
+    as ``--name value`` (``data_dir=`` gives ``--data-dir``): the argv of a subprocess test."""
+    import sys
+
+    words = args.split() if isinstance(args, str) else [str(a) for a in args]
+    for name, value in options.items():
+        words += [f"--{name.replace('_', '-')}", str(value)]
+    return [sys.executable, "-m", "jax_mnist", *words]
+
+
 def kill_then_resume(seed_args: list[str], out, data_dir, kill_at: str):
     """``jax-mnist train`` of the small configuration, SIGKILLed as soon as a line starting with
     ``kill_at`` is printed (that epoch's checkpoints are complete then), then run with --resume.
     Returns the resumed run's CompletedProcess."""
     import signal
     import subprocess
-    import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "jax_mnist",
-        "train",
-        "--recipe",
-        "final",
-        *seed_args,
-        "--out",
-        str(out),
-        "--train-examples",
-        str(SUBSET),
-        "--data-dir",
-        str(data_dir),
-        "--no-download",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "128",
-        "--set",
-        "step_size=2",
-    ]
+    small = f"--no-download --epochs 3 --batch-size 128 --set step_size=2 --train-examples {SUBSET}"
+    cmd = jax_mnist_command(
+        ["train", "--recipe", "final", *seed_args, *small.split()], out=out, data_dir=data_dir
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith(kill_at):

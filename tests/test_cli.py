@@ -1,9 +1,9 @@
 import subprocess
-import sys
 
 import pytest
 
 from jax_mnist.cli import main
+from tests.helpers import jax_mnist_command
 
 
 def test_summary_command_prints_table(capsys):
@@ -15,9 +15,7 @@ def test_summary_command_prints_table(capsys):
 
 @pytest.mark.slow  # spawns processes
 def test_summary_unknown_model_is_one_line_error():
-    proc = subprocess.run(
-        [sys.executable, "-m", "jax_mnist", "summary", "model_9"], capture_output=True, text=True
-    )
+    proc = subprocess.run(jax_mnist_command("summary model_9"), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice: 'model_9'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -52,16 +50,7 @@ def test_show_augment_writes_png(tmp_path, mnist_data_dir):
 @pytest.mark.slow  # spawns processes
 def test_data_command_bad_directory_is_one_line(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_mnist",
-            "data",
-            "--data-dir",
-            str(tmp_path),
-            "--mnist-files",
-            str(tmp_path / "nope"),
-        ],
+        jax_mnist_command("data", data_dir=tmp_path, mnist_files=tmp_path / "nope"),
         capture_output=True,
         text=True,
     )

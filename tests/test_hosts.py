@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from jax_mnist import hosts
-from tests.helpers import final_params
+from tests.helpers import final_params, jax_mnist_command
 
 pytestmark = pytest.mark.slow  # every test here spawns processes
 
@@ -32,18 +31,9 @@ def free_port() -> int:
 def start_processes(args: list[str], data_dir, devices_per_process: int = 1) -> list[subprocess.Popen]:
     """``jax-mnist <args>`` as processes 0 and 1 of one run, each with its own forced CPU devices."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    common = [
-        sys.executable,
-        "-m",
-        "jax_mnist",
-        *args,
-        "--data-dir",
-        str(data_dir),
-        "--coordinator",
-        f"127.0.0.1:{free_port()}",
-        "--num-processes",
-        "2",
-    ]
+    common = jax_mnist_command(
+        args, data_dir=data_dir, coordinator=f"127.0.0.1:{free_port()}", num_processes=2
+    )
     return [
         subprocess.Popen(
             [*common, "--process-id", str(i)],
@@ -191,7 +181,7 @@ def test_an_error_of_process_0_reaches_the_other(tmp_path, mnist_data_dir):
 )
 def test_bad_process_options_are_one_line_errors(tmp_path, flags, message):
     done = subprocess.run(
-        [sys.executable, "-m", "jax_mnist", *TRAIN, "--out", str(tmp_path / "r"), *flags],
+        jax_mnist_command([*TRAIN, *flags], out=tmp_path / "r"),
         capture_output=True,
         text=True,
         timeout=120,

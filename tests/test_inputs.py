@@ -11,6 +11,7 @@ from jax_mnist import data as data_lib
 from jax_mnist.cli import main
 from jax_mnist.data import DataError, dataset_dir, load_mnist
 from jax_mnist.errors import CheckpointError
+from tests.helpers import jax_mnist_command
 
 
 def one_line_error(capsys, argv, message, tmp_path=None):
@@ -116,28 +117,14 @@ def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir,
     import shlex
     import signal
     import subprocess
-    import sys
 
     out = tmp_path / "r"
-    argv = [
-        "train",
-        "--recipe",
-        "final",
-        "--epochs",
-        "2",
-        "--train-examples",
-        "1000",
-        "--batch-size",
-        "128",
-        "--out",
-        str(out),
-        "--data-dir",
-        str(mnist_data_dir),
-        "--no-download",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jax_mnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    argv = jax_mnist_command(
+        "train --recipe final --epochs 2 --train-examples 1000 --batch-size 128 --no-download",
+        out=out,
+        data_dir=mnist_data_dir,
     )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch  1/2"):
             proc.send_signal(signal.SIGTERM)
@@ -150,9 +137,7 @@ def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir,
     )
     command = shlex.split(last.split("continue with ", 1)[1])
     assert command[0] == "jax-mnist" and command[-1] == "--resume"
-    done = subprocess.run(
-        [sys.executable, "-m", "jax_mnist", *command[1:]], capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(jax_mnist_command(command[1:]), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -281,19 +266,9 @@ def test_a_wrong_rank_tensor_names_its_key(model_4_state):
 @pytest.mark.slow  # spawns processes
 def test_preparing_the_data_off_a_terminal_prints_only_our_lines(mnist_files, tmp_path):
     import subprocess
-    import sys
 
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_mnist",
-            "data",
-            "--data-dir",
-            str(tmp_path / "tfds"),
-            "--mnist-files",
-            str(mnist_files),
-        ],
+        jax_mnist_command("data", data_dir=tmp_path / "tfds", mnist_files=mnist_files),
         capture_output=True,
         text=True,
         timeout=600,

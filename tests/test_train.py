@@ -1,7 +1,6 @@
 import functools
 import json
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,16 @@ from jax_mnist.engine import ProgramConfig, compiler_options, programs_for
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.run import NonFiniteLoss, RunError, train
 from jax_mnist.rundir import read_metrics
-from tests.helpers import EPOCH_KEYS, SMALL, SUBSET, final_params, kill_then_resume, numbers, small_recipe
+from tests.helpers import (
+    EPOCH_KEYS,
+    SMALL,
+    SUBSET,
+    final_params,
+    jax_mnist_command,
+    kill_then_resume,
+    numbers,
+    small_recipe,
+)
 
 
 def test_metrics_file_and_config(straight_run):
@@ -186,18 +194,7 @@ def test_bad_arguments(mnist, tmp_path):
 @pytest.mark.slow  # spawns processes
 def test_cli_errors_are_one_line(args, message, mnist_data_dir, tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_mnist",
-            "train",
-            *args,
-            "--out",
-            str(tmp_path / "o"),
-            "--data-dir",
-            str(mnist_data_dir),
-            "--no-download",
-        ],
+        jax_mnist_command(["train", *args, "--no-download"], out=tmp_path / "o", data_dir=mnist_data_dir),
         capture_output=True,
         text=True,
     )
@@ -209,25 +206,11 @@ def test_cli_errors_are_one_line(args, message, mnist_data_dir, tmp_path):
 def test_cli_smoke_run(mnist_data_dir, tmp_path):
     out = tmp_path / "smoke"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_mnist",
-            "train",
-            "--recipe",
-            "model_6_gap",
-            "--epochs",
-            "1",
-            "--train-examples",
-            "512",
-            "--batch-size",
-            "128",
-            "--out",
-            str(out),
-            "--data-dir",
-            str(mnist_data_dir),
-            "--no-download",
-        ],
+        jax_mnist_command(
+            "train --recipe model_6_gap --epochs 1 --train-examples 512 --batch-size 128 --no-download",
+            out=out,
+            data_dir=mnist_data_dir,
+        ),
         capture_output=True,
         text=True,
     )
