@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from jax_mnist.errors import JaxMnistError
+from jax_mnist.recipes import MAX_EPOCHS  # noqa: E402
+
+MAX_SEEDS = 10_000  # a bound on typos: --seeds 1-100000 would plan for minutes
 
 
 class UserError(JaxMnistError):
@@ -42,6 +45,25 @@ def interrupted(args, error: KeyboardInterrupt, add_resume: bool) -> Interrupted
         f"{name}; every finished epoch is checkpointed: continue with {continue_command(args, add_resume)}",
         code,
     )
+
+
+def cmd_recipes(args) -> None:
+    import dataclasses
+    import json
+
+    from jax_mnist.recipes import RECIPES, changes, get_recipe, is_original
+    from jax_mnist.summary import summarize
+
+    if args.name:
+        print(json.dumps(dataclasses.asdict(get_recipe(args.name)), indent=2))
+        return
+    print("| recipe | model | trainable params | the original's | changed from the defaults |")
+    print("|---|---|---:|---|---|")
+    for name, recipe in RECIPES.items():
+        changed = " ".join(changes(recipe))
+        params = summarize(recipe.model).total_params
+        original = "yes" if is_original(recipe) else "no"
+        print(f"| `{name}` | {recipe.model} | {params:,} | {original} | {changed} |")
 
 
 def cmd_summary(args) -> None:
@@ -113,7 +135,10 @@ def parse_seeds(text: str) -> list[int]:
     try:
         for part in text.split(","):
             low, _, high = part.strip().partition("-")
-            seeds += range(int(low), int(high) + 1) if high else [int(low)]
+            more = range(int(low), int(high) + 1) if high else [int(low)]
+            if len(seeds) + len(more) > MAX_SEEDS:
+                raise UserError(f"--seeds names more than {MAX_SEEDS:,} seeds: {text[:60]!r}")
+            seeds += more
     except ValueError:
         raise UserError(f"--seeds takes seeds like 1-5 or 1,3,7, found {text!r}") from None
     if not seeds:
@@ -171,6 +196,8 @@ def cmd_data(args) -> None:
 def cmd_show_augment(args) -> None:
     from jax_mnist.augment_grid import write_augment_grid
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: show-augment writes a PNG; name a .png file")
     if args.scale[0] > args.scale[1]:
         raise UserError(f"--scale MIN MAX: MIN must be <= MAX, found {args.scale[0]} > {args.scale[1]}")
     mnist = load_data(args)
@@ -349,6 +376,17 @@ def cmd_predict(args) -> None:
     probabilities = np.exp(log_probabilities(inference_model(run.recipe), variables_of(run), batch))
     for path, (_, notes), p in zip(args.images, images, probabilities):
         best = int(np.argmax(p))
+        if args.json:
+            import json
+
+            result = {
+                "image": str(path),
+                "predicted": best,
+                "probabilities": [float(q) for q in p],
+                "notes": notes,
+            }
+            print(json.dumps(result))
+            continue
         print(f"{path}: {best} (probability {p[best]:.4f})" + "".join(f"; {n}" for n in notes))
         print("  " + "  ".join(f"{c}: {q:.4f}" for c, q in enumerate(p)))
 
@@ -376,10 +414,26 @@ def cmd_export(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import jax_mnist
     from jax_mnist.zoo import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="jax-mnist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"jax-mnist {jax_mnist.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from jax_mnist.recipes import RECIPE_NAMES
+
+    p = sub.add_parser(
+        "recipes", help="every registered recipe (model, parameters, what it changes), or one recipe's fields"
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        choices=RECIPE_NAMES,
+        metavar="NAME",
+        help="print this recipe's resolved fields (JSON)",
+    )
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("summary", help="per-layer table: kind, output shape, parameters, receptive field")
     p.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help=f"one of: {', '.join(MODEL_NAMES)}")
@@ -407,11 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="affine translation, fraction of the size",
     )
-    p.add_argument("--scale", type=number(0.01, 100), nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0)
+    p.add_argument(
+        "--scale",
+        type=number(0.01, 100),
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("MIN", "MAX"),
+        help="affine scale drawn from [MIN, MAX] (default 1 1: none)",
+    )
+    p.add_argument(
+        "--seed",
+        type=whole_number(0, 2**63 - 1),
+        default=0,
+        help="seed of the augmentation draws (default 0)",
+    )
     p.set_defaults(func=cmd_show_augment)
-
-    from jax_mnist.recipes import RECIPE_NAMES
 
     p = sub.add_parser("train", help="train a recipe; metrics.jsonl, config.json and checkpoints in --out")
     p.add_argument(
@@ -428,8 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEEDS",
         help="train several seeds together, e.g. 1-5 or 1,3,7: one run directory per seed, --out/seed-<s>",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs to train (default the recipe's: 15; at most {MAX_EPOCHS:,})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="training batch size (default the recipe's: 256)",
+    )
     p.add_argument("--lr", type=float, help="learning rate (the peak for OneCycle recipes)")
     p.add_argument(
         "--set",
@@ -457,9 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe", default="final", choices=RECIPE_NAMES, metavar="NAME", help="default final (model 8)"
     )
-    p.add_argument("--batch-size", type=whole_number(1), default=256)
+    p.add_argument("--batch-size", type=whole_number(1), default=256, help="default 256")
     p.add_argument("--steps", type=whole_number(1), default=30, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=whole_number(0), default=5)
+    p.add_argument("--warmup", type=whole_number(0), default=5, help="untimed calls first (default 5)")
     p.add_argument("--compare-torch", action="store_true", help="time the same network in PyTorch eager too")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
@@ -542,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", help="test loss, accuracy, per-class accuracy and every prediction of a run"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by jax-mnist train")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument(
         "--out",
@@ -556,16 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="class and probabilities of image files (any size; MNIST polarity handled)"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by jax-mnist train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), one or more")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout instead of text")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "export", help="a run's network as a PyTorch state_dict or a serialized StableHLO function"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--to", required=True, choices=("pytorch", "stablehlo"))
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by jax-mnist train")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=("pytorch", "stablehlo"),
+        help="pytorch: a state_dict for the original class; stablehlo: a jax.export file",
+    )
     p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")

@@ -74,6 +74,7 @@ _CHOICES = {
 }
 _INF = math.inf
 # field -> (low, high, low included, high included); every bound is finite or infinite, values finite.
+MAX_EPOCHS = 10_000  # a bound on typos (epochs=1000000 would train for years); the study's are 15
 _RANGES = {
     "epochs": (1, _INF, True, False),
     "batch_size": (1, _INF, True, False),
@@ -128,6 +129,8 @@ def _problem(recipe: Recipe) -> str | None:
             if not inside:
                 finite = "a finite number " if kind is not int else ""
                 return f"{f.name} must be {finite}{_describe(*_RANGES[f.name])}, found {value!r}"
+    if recipe.epochs > MAX_EPOCHS:
+        return f"epochs must be at most {MAX_EPOCHS:,}, found {recipe.epochs:,}"
     if recipe.model not in MODEL_NAMES:
         return f"model must be one of {', '.join(MODEL_NAMES)}, found {recipe.model!r}"
     if recipe.base_momentum > recipe.max_momentum:
@@ -181,6 +184,20 @@ RECIPES["ours_8k_scale"] = dataclasses.replace(
     RECIPES["ours_8k"], name="ours_8k_scale", scale_min=0.9, scale_max=1.1
 )
 RECIPE_NAMES = tuple(RECIPES)
+
+
+def changes(recipe: Recipe) -> list[str]:
+    """``field=value`` of each field where ``recipe`` differs from ``Recipe``'s defaults."""
+    return [
+        f"{f.name}={getattr(recipe, f.name)}"
+        for f in dataclasses.fields(Recipe)
+        if f.name not in ("name", "model") and getattr(recipe, f.name) != f.default
+    ]
+
+
+def is_original(recipe: Recipe) -> bool:
+    """Whether ``recipe`` is one of the original study's models with its own settings."""
+    return recipe.name in ORIGINAL_MODEL_NAMES and recipe == RECIPES[recipe.name]
 
 
 def get_recipe(name: str) -> Recipe:

@@ -58,3 +58,68 @@ def test_data_command_bad_directory_is_one_line(tmp_path):
     assert (
         proc.stderr.strip() == f"jax-mnist data: error: {tmp_path / 'nope'}: MNIST files directory not found"
     )
+
+
+def test_version_is_the_packages(capsys):
+    import jax_mnist
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"jax-mnist {jax_mnist.__version__}\n"
+
+
+def test_recipes_lists_every_registered_recipe_and_prints_one_in_full(capsys):
+    import dataclasses
+    import json
+
+    from jax_mnist.recipes import RECIPES, changes
+    from jax_mnist.summary import summarize
+
+    assert main(["recipes"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0].strip("| `") for row in rows] == list(RECIPES)
+    for row, recipe in zip(rows, RECIPES.values()):
+        assert row[1] == recipe.model and row[2] == f"{summarize(recipe.model).total_params:,}"
+        assert row[3] == ("yes" if recipe.name.startswith("model_") else "no")
+        assert row[4].rstrip(" |") == " ".join(changes(recipe))
+    assert "schedule=step" in dict(zip(RECIPES, rows))["final"][4]
+    assert main(["recipes", "final_translate"]) == 0
+    assert json.loads(capsys.readouterr().out) == dataclasses.asdict(RECIPES["final_translate"])
+
+
+def test_every_option_and_argument_has_help():
+    import argparse
+
+    from jax_mnist.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["train", "--recipe", "final", "--epochs", "100000"],
+            "epochs must be at most 10,000, found 100,000",
+        ),
+        (["study", "--seeds", "1-100000", "--dry-run"], "--seeds names more than 10,000 seeds: '1-100000'"),
+        (
+            ["show-augment", "--out", "grid.npz"],
+            "--out grid.npz: show-augment writes a PNG; name a .png file",
+        ),
+    ],
+)
+def test_bounds_and_output_kinds_are_one_line_errors(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written, no data prepared

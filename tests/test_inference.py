@@ -94,6 +94,12 @@ def test_predict_reads_any_image_as_an_mnist_digit(run_dir, mnist, tmp_path, cap
         lines[2].split(":", 1)[1]
         == lines[0].split(":", 1)[1] + "; inverted (dark digit on a light background)"
     )
+    assert main(["predict", str(run_dir), *paths, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["image"] for row in rows] == paths
+    assert rows[0]["predicted"] == int(np.argmax(expected))
+    np.testing.assert_allclose(rows[0]["probabilities"], expected, rtol=1e-5)
+    assert rows[0]["notes"] == [] and "inverted (dark digit on a light background)" in rows[2]["notes"]
 
 
 def test_predict_bad_images(run_dir, tmp_path, capsys):
