@@ -55,30 +55,34 @@ class NonFiniteLoss(RunError):
 
 
 class Progress:
-    """Progress of an epoch on a terminal (stderr, a tqdm bar), updated from Python between the
-    compiled chunks of an epoch: steps, rate, time left in the epoch, running loss. Silent when
-    stderr is not a terminal (logs keep only the per-epoch lines)."""
+    """Progress of an epoch, updated from Python between its compiled chunks.
 
-    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool | None = None):
-        self.epochs, self.total = epochs, steps_per_epoch
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    On a terminal (stderr): a tqdm bar with steps, rate, time left and the running loss. Off a
+    terminal (a log file): one plain line at most every ``plain_every_s`` seconds, so a long epoch
+    is not silent and a short one adds nothing to the per-epoch lines. ``enabled``: True for the
+    bar, False for nothing (processes other than the main one), None to choose by stderr.
+    """
+
+    def __init__(
+        self, epochs: int, steps_per_epoch: int, enabled: bool | None = None, plain_every_s: float = 30.0
+    ):
+        self.epochs, self.total, self.plain_every_s = epochs, steps_per_epoch, plain_every_s
+        self.mode = (
+            ("bar" if sys.stderr.isatty() else "plain") if enabled is None else ("bar" if enabled else "off")
+        )
         self.bar: tqdm.tqdm | None = None
-        self.done = 0
+        self.label, self.done, self.started, self.last_line = "", 0, 0.0, 0.0
 
     def start_epoch(self, epoch: int, first_in_process: bool) -> None:
         self.close()
-        doing = "compiling, then training" if first_in_process else "training"
+        self.label, self.done = f"epoch {epoch + 1}/{self.epochs}", 0
+        self.started = self.last_line = time.monotonic()
+        if self.mode != "bar":
+            return
         self.bar = tqdm.tqdm(
-            total=self.total,
-            desc=f"epoch {epoch + 1}/{self.epochs}",
-            unit="step",
-            file=sys.stderr,
-            disable=not self.enabled,
-            leave=False,
-            dynamic_ncols=True,
+            total=self.total, desc=self.label, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True
         )
-        self.bar.set_postfix_str(doing)
-        self.done = 0
+        self.bar.set_postfix_str("compiling, then training" if first_in_process else "training")
 
     def status(self, text: str) -> None:
         if self.bar is not None:
@@ -90,6 +94,14 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
             self.bar.update(steps_done - self.done)
             self.bar.refresh()  # chunks are seconds apart: show each one (tqdm would skip quick updates)
+        now = time.monotonic()
+        if self.mode == "plain" and steps_done < self.total and now - self.last_line >= self.plain_every_s:
+            print(
+                f"{self.label}: {steps_done}/{self.total} steps, {now - self.started:.0f} s, loss {loss:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last_line = now
         self.done = steps_done
 
     def close(self) -> None:

@@ -94,6 +94,19 @@ def test_progress_shows_the_epoch_steps_and_running_loss_on_a_terminal_only(caps
     assert capsys.readouterr().err == ""
 
 
+def test_off_a_terminal_progress_is_a_plain_line_at_most_every_interval(capsys):
+    totals = {"loss_sum": np.array([64.0]), "count": np.array([25_600])}
+    plain = Progress(epochs=15, steps_per_epoch=235, enabled=None, plain_every_s=0.0)  # stderr is captured
+    plain.start_epoch(4, first_in_process=False)
+    plain(100, totals)
+    plain(235, totals)  # the epoch's end: the per-epoch line says it
+    assert capsys.readouterr().err == "epoch 5/15: 100/235 steps, 0 s, loss 0.0025\n"
+    rare = Progress(epochs=15, steps_per_epoch=235, enabled=None, plain_every_s=3600.0)
+    rare.start_epoch(0, first_in_process=True)
+    rare(100, totals)
+    assert capsys.readouterr().err == ""
+
+
 def test_batch_metrics_leave_padding_out():
     logp = jnp.log(jnp.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]))
     labels = jnp.array([0, 0, 1])
