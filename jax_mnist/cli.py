@@ -687,6 +687,35 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def backend_problem() -> str | None:
+    """What stops JAX from starting the backend ``$JAX_PLATFORMS`` names, with the platforms it
+    can start instead; None when JAX starts (JAX itself raises a bare AssertionError there)."""
+    import os
+
+    import jax
+
+    asked = os.environ.get("JAX_PLATFORMS")
+    if not asked:
+        return None
+    try:
+        jax.devices()
+        return None
+    except Exception:  # noqa: BLE001  (JAX raises AssertionError or RuntimeError here)
+        pass
+    import jax.extend.backend
+
+    jax.config.update("jax_platforms", None)  # what JAX finds when not told
+    jax.extend.backend.clear_backends()
+    try:
+        found = ", ".join(sorted({d.platform for d in jax.devices()}))
+    except Exception:  # noqa: BLE001
+        found = "none"
+    return (
+        f"JAX_PLATFORMS={asked}: JAX cannot start that platform here; it finds: {found} "
+        "(unset JAX_PLATFORMS, or install the jax plugin for it, e.g. jax[cuda12])"
+    )
+
+
 def _run(args) -> int:
     try:
         args.func(args)
@@ -695,6 +724,12 @@ def _run(args) -> int:
         return e.exit_code
     except JaxMnistError as e:
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (AssertionError, RuntimeError):
+        problem = backend_problem()
+        if problem is None:
+            raise
+        print(f"jax-mnist {args.command}: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)

@@ -123,3 +123,22 @@ def test_bounds_and_output_kinds_are_one_line_errors(argv, message, tmp_path, mo
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written, no data prepared
+
+
+@pytest.mark.slow  # spawns a process: JAX's backends start once per process
+def test_a_platform_jax_cannot_start_is_one_line_naming_what_it_finds(tmp_path):
+    import os
+
+    env = {**os.environ, "JAX_PLATFORMS": "nosuch"}
+    proc = subprocess.run(
+        jax_mnist_command("summary model_3_lighter_model"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(
+        "jax-mnist summary: error: JAX_PLATFORMS=nosuch: JAX cannot start that platform"
+    )
+    assert "it finds: cpu" in proc.stderr or "it finds: gpu" in proc.stderr or "it finds: tpu" in proc.stderr
