@@ -70,6 +70,16 @@ def _say(message: str) -> None:
 # --------------------------------------------------------------------------- official files
 
 
+# sha256 of each official file's decompressed bytes (gzip -dc FILE | sha256sum, of the files whose
+# .gz digests tfds registers): tells a re-compressed copy of the right data from wrong data.
+CONTENT_SHA256 = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
 def registered_checksums() -> dict[str, str]:
     """File name -> sha256, as tensorflow-datasets registers them for ``mnist``."""
     import importlib.resources
@@ -134,7 +144,16 @@ def read_official_files(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarr
             array = read_idx(path, magic, count)
             found = sha256_of(path)
             if found != checksums[name]:
-                raise DataError(f"{path}: sha256 mismatch: expected {checksums[name]}, found {found}")
+                same_content = (
+                    hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == CONTENT_SHA256[name]
+                )
+                hint = (
+                    "; its decompressed content is the official file's: it was compressed again, "
+                    "use the original .gz (the checksum tfds registers is of those bytes)"
+                    if same_content
+                    else ""
+                )
+                raise DataError(f"{path}: sha256 mismatch: expected {checksums[name]}, found {found}{hint}")
             arrays.append(array)
         splits[split] = (arrays[0], arrays[1])
     return splits
@@ -379,9 +398,8 @@ def _prepare(data_dir: Path, mnist_files: Path | None, download: bool, log) -> N
         if not download:
             raise DataError(f"no MNIST files found and download is off: {hint}")
         unreachable = _network_reachable()
-        if (
-            unreachable
-        ):  # fail in seconds, before tfds starts (it would retry for minutes, leaving .tmp files)
+        # Fail in seconds, before tfds starts (it would retry for minutes, leaving .tmp files).
+        if unreachable:
             raise DataError(f"no MNIST files found and no network for tfds' download ({unreachable}): {hint}")
         log("no MNIST files found; trying tensorflow-datasets' own download")
         try:
@@ -398,8 +416,14 @@ def _prepare(data_dir: Path, mnist_files: Path | None, download: bool, log) -> N
     )
     # tfds builds into a temporary directory and renames it when complete, so an
     # interrupted prepare never leaves a dataset that looks prepared.
-    with _quiet_tfds():
-        _local_builder(data_dir, splits).download_and_prepare(file_format="array_record")
+    try:
+        with _quiet_tfds():
+            _local_builder(data_dir, splits).download_and_prepare(file_format="array_record")
+    except OSError as e:  # a read-only HOME, a full disk, a path through a file
+        raise DataError(
+            f"{data_dir}: cannot prepare the dataset there ({e.strerror or type(e).__name__}); "
+            f"name a writable tfds data dir with --data-dir or ${ENV_DATA_DIR}"
+        ) from None
 
 
 def _check_loaded(mnist: Mnist, where: Path) -> None:

@@ -145,7 +145,18 @@ def test_bad_files_give_one_line_errors_and_leave_nothing(case, tmp_path, mnist_
     text = str(e.value)
     assert "\n" not in text
     assert str(target) in text and message in text
+    assert "decompressed content is the official" not in text  # changed data gets no such note
     assert not (data_dir / "mnist").exists()  # nothing prepared that a later load could trust
+
+
+def test_a_recompressed_official_file_is_refused_with_a_note_that_its_content_is_right(tmp_path, mnist_files):
+    files = _copy_files(mnist_files, tmp_path / "files")
+    target = files / "t10k-labels-idx1-ubyte.gz"
+    target.write_bytes(_gz(_labels_raw(mnist_files)))  # same bytes inside, other gzip header
+    with pytest.raises(
+        DataError, match=r"sha256 mismatch: .*; its decompressed content is the official file's"
+    ):
+        load_mnist(tmp_path / "tfds", files, download=False)
 
 
 def test_bad_file_in_tfds_manual_dir_is_caught_too(tmp_path, mnist_files):
@@ -160,6 +171,17 @@ def test_bad_file_in_tfds_manual_dir_is_caught_too(tmp_path, mnist_files):
 def test_named_files_directory_must_exist(tmp_path):
     with pytest.raises(DataError, match="nowhere: MNIST files directory not found"):
         load_mnist(tmp_path / "tfds", tmp_path / "nowhere", download=False)
+
+
+def test_a_data_dir_that_cannot_be_written_is_one_line_naming_it_and_the_option(tmp_path, mnist_files):
+    """As a read-only HOME under the default data dir; a path through a file fails alike (and does
+    for root too, whom permissions would not stop)."""
+    (tmp_path / "a-file").write_text("")
+    data_dir = tmp_path / "a-file" / "tfds"
+    with pytest.raises(
+        DataError, match=r"a-file/tfds: cannot prepare the dataset there \(.*\); name a writable"
+    ):
+        load_mnist(data_dir, mnist_files, download=False)
 
 
 def test_no_files_and_no_download_says_where_to_put_them(tmp_path):
