@@ -365,6 +365,18 @@ def _per_epoch(runs: Sequence[SeedRun], key: str) -> tuple[np.ndarray, np.ndarra
     return np.arange(1, length + 1), values
 
 
+def accuracy_limits(curves: Sequence[np.ndarray], target: float = 99.4) -> tuple[float, float]:
+    """y-limits that show the second half of every curve (where runs settle) and the target line:
+    a long study zooms in on 99.x, a short or weak run gets the range its values are in."""
+    tails = [c[..., c.shape[-1] // 2 :] for c in curves if c.size]
+    if not tails:
+        return target - 1.0, min(100.0, target + 0.5)
+    low = min(float(np.min(t)) for t in tails + [np.array([target])])
+    high = max(float(np.max(t)) for t in tails + [np.array([target])])
+    margin = max(0.1, 0.08 * (high - low))
+    return max(0.0, low - margin), min(100.0, high + margin)
+
+
 def _extra_colour(i: int):
     from matplotlib import colormaps
 
@@ -376,8 +388,10 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     test_axes, final_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     # One colour per recipe, the same in both panels (tab10 then tab20b beyond ten recipes).
     colour_of = {r.name: f"C{i}" if i < 10 else _extra_colour(i - 10) for i, r in enumerate(results)}
+    shown = []
     for res in (r for r in results if r.finished):
         epochs, values = _per_epoch(res.finished, "test_accuracy")
+        shown.append(values)
         colour = colour_of[res.name]
         test_axes.plot(
             epochs, values.mean(0), color=colour, lw=1.6, label=f"{res.name} ({len(values)} seeds)"
@@ -388,13 +402,15 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
         title="Test accuracy per epoch: seed mean, band from min to max",
         xlabel="epoch",
         ylabel="test accuracy (%)",
-        ylim=(97.0, 99.8),
+        ylim=accuracy_limits(shown, TARGET),
     )
     test_axes.legend(fontsize=7, loc="lower right", ncol=2)
     test_axes.grid(alpha=0.3)
+    shown = []
     for res in (r for r in results if r.name in ("final", "final_onecycle") and r.finished):
         for key, style in (("train_accuracy", ":"), ("test_accuracy", "-")):
             epochs, values = _per_epoch(res.finished, key)
+            shown.append(values)
             label = f"{res.name} {key.split('_')[0]}"
             colour = colour_of[res.name]
             final_axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
@@ -404,7 +420,7 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
         title="Final recipes: train (dotted; running, dropout on) vs test",
         xlabel="epoch",
         ylabel="accuracy (%)",
-        ylim=(97.5, 99.8),
+        ylim=accuracy_limits(shown, TARGET),
     )
     if final_axes.lines[1:]:
         final_axes.legend(fontsize=8, loc="lower right")

@@ -234,3 +234,15 @@ def test_a_missing_study_or_a_nan_is_one_line_not_a_traceback(tmp_path, capsys):
     assert (
         "left out: seed 1: train_accuracy is not finite at epoch 5" in row[5] and row[6] == "99.50 (one seed)"
     )
+
+
+def test_curve_limits_come_from_the_data_and_keep_the_target_in_view():
+    from jax_mnist.report import accuracy_limits
+
+    weak = np.array([[60.0, 80.0, 85.0, 90.0]])  # a short run of a small net
+    low, high = accuracy_limits([weak])
+    assert low < 85.0 and high > 99.4  # its second half and the 99.4 line are both drawn
+    strong = np.array([[98.0, 99.3, 99.45, 99.5], [98.2, 99.35, 99.5, 99.55]])
+    low, high = accuracy_limits([strong])
+    assert 99.0 < low < 99.4 and 99.55 < high <= 100.0  # zoomed in on where the runs settle
+    assert accuracy_limits([]) == (98.4, 99.9)
