@@ -409,7 +409,8 @@ def cmd_export(args) -> None:
         print(
             f"wrote {args.path}: jax.export of uint8 images (batch, 28, 28, 1) -> log-probabilities "
             f"(batch, 10), epoch {run.epoch} of {run.out}, for {', '.join(exported.platforms)}; "
-            "load it with jax.export.deserialize(open(path, 'rb').read()).call(images)"
+            "load it with jax.export.deserialize(open(path, 'rb').read()).call(images) "
+            "(needs jax and flatbuffers, which jax does not install)"
         )
 
 

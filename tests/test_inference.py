@@ -133,11 +133,12 @@ def test_export_to_pytorch_loads_into_the_original_class(run_dir, test_batch, tm
     assert int(torch.load(path, weights_only=True)["convblock1.2.num_batches_tracked"]) == int(run.state.step)
 
 
-def test_export_to_stablehlo_reloads_for_any_batch_size(run_dir, test_images_raw, tmp_path):
+def test_export_to_stablehlo_reloads_for_any_batch_size(run_dir, test_images_raw, tmp_path, capsys):
     from jax_mnist.export import load_stablehlo
 
     path = tmp_path / "model.stablehlo"
     assert main(["export", str(run_dir), "--to", "stablehlo", str(path)]) == 0
+    assert "needs jax and flatbuffers" in capsys.readouterr().out  # jax alone cannot load it
     exported = load_stablehlo(path)
     assert set(exported.platforms) == {"cpu", "cuda", "tpu"}
     run = load_run(run_dir)
