@@ -110,6 +110,15 @@ class Progress:
             self.bar = None
 
 
+def epoch_line(row: dict, epochs: int, seed: int | None = None) -> str:
+    """The line a run prints after each epoch, from that epoch's ``metrics.jsonl`` row."""
+    return (
+        f"epoch {row['epoch']:>2}/{epochs}{'' if seed is None else f' seed {seed}'}  lr {row['lr']:.5f}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}%  "
+        f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  {row['epoch_seconds']:.1f} s"
+    )
+
+
 def train_epoch(
     programs: Programs,
     states,
@@ -399,13 +408,7 @@ def _train_group(
             }
             run.commit_epoch(row, seed_slice(saved, k))
             bar.close()
-            log(
-                f"epoch {row['epoch']:>2}/{recipe.epochs}{f' seed {run.seed}' if name_seeds else ''}  lr "
-                f"{lr:.5f}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc "
-                f"{row['test_accuracy']:.2f}%  "
-                f"{row['epoch_seconds']:.1f} s"
-            )
+            log(epoch_line(row, recipe.epochs, run.seed if name_seeds else None))
             if on_epoch_end is not None:
                 on_epoch_end(run.seed, row)
     bar.close()

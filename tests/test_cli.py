@@ -1,4 +1,5 @@
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,63 @@ def test_a_platform_jax_cannot_start_is_one_line_naming_what_it_finds(tmp_path):
         "jax-mnist summary: error: JAX_PLATFORMS=nosuch: JAX cannot start that platform"
     )
     assert "it finds: cpu" in proc.stderr or "it finds: gpu" in proc.stderr or "it finds: tpu" in proc.stderr
+
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def test_the_readme_recipe_table_is_what_jax_mnist_recipes_prints(capsys):
+    assert main(["recipes"]) == 0
+    printed = capsys.readouterr().out
+    text = README.read_text()
+    start, end = "<!-- jax-mnist recipes -->\n", "<!-- end jax-mnist recipes -->"
+    assert text[text.index(start) + len(start) : text.index(end)] == printed, (
+        "README's recipe table differs: paste the output of jax-mnist recipes between its markers"
+    )
+
+
+def test_the_readme_model_table_lists_every_model_with_its_computed_figures():
+    from jax_mnist.models import MODEL_NAMES, summarize
+
+    rows = {}
+    for line in README.read_text().split("## Models", 1)[1].split("\n\n", 2)[1].splitlines()[2:]:
+        name, params, field = (cell.strip(" `") for cell in line.strip("|").split("|"))
+        rows[name] = (params, field)
+    expected = {n: (f"{summarize(n).total_params:,}", str(summarize(n).receptive_field)) for n in MODEL_NAMES}
+    assert rows == expected
+
+
+@pytest.mark.slow  # trains one short epoch in a process
+def test_the_quick_start_runs_as_written_and_shows_the_committed_runs_line(
+    mnist_files, mnist_data_dir, tmp_path
+):
+    import json
+    import shlex
+
+    from jax_mnist.run import epoch_line
+
+    text = README.read_text()
+    block = text.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    install, command = block.strip().splitlines()
+    assert install == "pip install -e ."
+    argv = [str(mnist_files) if word == "DIR" else word for word in shlex.split(command)]
+    assert argv[0] == "jax-mnist"
+    small = [
+        "--train-examples",
+        "512",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--data-dir",
+        str(mnist_data_dir),
+    ]
+    proc = subprocess.run(jax_mnist_command(argv[1:] + small), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("epoch  1/1  lr ")
+    shown = text.split("<!-- quick start output -->\n```\n", 1)[1].split("\n```", 1)[0]
+    recipe = argv[argv.index("--recipe") + 1]
+    committed = REPO / "results" / "study" / recipe / "seed-1" / "metrics.jsonl"
+    last = json.loads(committed.read_text().splitlines()[-1])
+    assert shown == epoch_line(last, 15)
