@@ -367,28 +367,48 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from jax_mnist.inference import inference_model, log_probabilities, read_image, variables_of
+    """Each image gets its own line, a result or its error; the exit status is 2 when any failed."""
+    import json
+
+    from jax_mnist.inference import ImageError, inference_model, log_probabilities, read_image, variables_of
     from jax_mnist.rundir import load_run
 
-    images = [read_image(path) for path in args.images]  # every file checked before the model loads
-    run = load_run(args.run_dir, args.checkpoint)
-    batch = np.stack([image for image, _ in images])
-    probabilities = np.exp(log_probabilities(inference_model(run.recipe), variables_of(run), batch))
-    for path, (_, notes), p in zip(args.images, images, probabilities):
+    read: list[tuple[str, tuple[np.ndarray, list[str]] | str]] = []
+    for path in args.images:  # every file read before the model loads
+        try:
+            read.append((path, read_image(path)))
+        except ImageError as e:
+            read.append((path, str(e)))
+    good = [k for k, (_, value) in enumerate(read) if not isinstance(value, str)]
+    probabilities = {}
+    if good:
+        run = load_run(args.run_dir, args.checkpoint)
+        batch = np.stack([read[k][1][0] for k in good])
+        found = np.exp(log_probabilities(inference_model(run.recipe), variables_of(run), batch))
+        probabilities = dict(zip(good, found))
+    for k, (path, value) in enumerate(read):
+        if isinstance(value, str):
+            if args.json:
+                print(json.dumps({"image": str(path), "error": value}))
+            else:
+                print(f"jax-mnist predict: error: {value}", file=sys.stderr)
+            continue
+        p, notes = probabilities[k], value[1]
         best = int(np.argmax(p))
         if args.json:
-            import json
-
-            result = {
+            row = {
                 "image": str(path),
                 "predicted": best,
                 "probabilities": [float(q) for q in p],
                 "notes": notes,
             }
-            print(json.dumps(result))
+            print(json.dumps(row))
             continue
         print(f"{path}: {best} (probability {p[best]:.4f})" + "".join(f"; {n}" for n in notes))
         print("  " + "  ".join(f"{c}: {q:.4f}" for c, q in enumerate(p)))
+    failed = len(read) - len(good)
+    if failed:
+        raise UserError(f"{failed} of {len(read)} image(s) could not be read (each is named above)")
 
 
 def cmd_export(args) -> None:

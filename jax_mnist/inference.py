@@ -211,37 +211,130 @@ MNIST_SIZE = 28
 MNIST_BOX = 20  # MNIST digits were scaled to fit 20x20, then centred by mass in 28x28
 
 
+# Larger images are refused before their pixels are decoded (a 20000x20000 PNG is 400 MB of pixels).
+MAX_PIXELS = 40_000_000
+EXIF_ORIENTATION = 0x0112
+# Below this contrast (of 255) between the ink and the paper, after the lighting is removed, an
+# image holds no digit to read.
+MIN_INK_CONTRAST = 24.0
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """An image file as an MNIST digit: uint8 (28, 28, 1), white ink on black; and what was done.
 
-    Any mode is converted to grayscale. A dark digit on a light background (the border is
-    brighter than mid-grey) is inverted. A 28x28 image is used as it is otherwise; any other
-    size is prepared as MNIST was: cropped to the ink, scaled to fit 20x20 (aspect kept) and
-    placed in 28x28 with its centre of mass at the centre.
+    - EXIF orientation is applied; an image with several frames (an animated GIF) is refused.
+    - Transparency is composited onto a background of the opposite brightness to the opaque
+      pixels, so ink drawn only in the alpha channel stays visible.
+    - A 28x28 image is used as it is (inverted when its border is light). Any other size is read
+      as a photo: the paper's brightness is estimated per region (a grey opening wider than a
+      stroke), removed, and what is left is stretched to full contrast and thresholded so that
+      shading and paper grain drop out; then it is prepared as MNIST was (cropped to the ink,
+      fitted to 20x20, centred by mass in 28x28).
+    - No ink left (a blank, uniform or 1-pixel image) is an ``ImageError``.
     """
-    from PIL import Image, UnidentifiedImageError
+    import warnings
 
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    notes = []
     try:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"), np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(
+                        f"{path}: {width}x{height} pixels is too large (at most {MAX_PIXELS:,} pixels)"
+                    )
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    raise ImageError(
+                        f"{path}: an image of {frames} frames; save the frame to classify as its own file"
+                    )
+                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    notes.append("turned upright by its EXIF orientation")
+                gray = _opaque_gray(ImageOps.exif_transpose(image), notes)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file PIL can read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(f"{path}: too large to decode safely (at most {MAX_PIXELS:,} pixels)") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read the image ({e})") from None
-    notes = []
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:
-        gray = 255 - gray
+    dark_on_light = bool(np.median(_border(gray)) > 127)
+    if dark_on_light:
         notes.append("inverted (dark digit on a light background)")
-    if gray.shape != (MNIST_SIZE, MNIST_SIZE):
-        notes.append(
-            f"resized from {gray.shape[1]}x{gray.shape[0]} as MNIST was (ink fitted to 20x20, centred by "
-            "mass)"
+    if gray.shape == (MNIST_SIZE, MNIST_SIZE):
+        gray = 255.0 - gray if dark_on_light else gray
+        if float(gray.max()) - float(np.median(_border(gray))) < MIN_INK_CONTRAST:
+            raise ImageError(f"{path}: no ink found (a blank or uniform image)")
+        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[:, :, None], notes
+    ink = _ink_of_photo(gray, dark_on_light)
+    if ink is None:
+        raise ImageError(f"{path}: no ink found (a blank or uniform image)")
+    notes.append(
+        f"read as a photo: lighting removed, {gray.shape[1]}x{gray.shape[0]} fitted as MNIST was "
+        "(ink to 20x20, centred by mass)"
+    )
+    return _fit_like_mnist(ink)[:, :, None], notes
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def _opaque_gray(image, notes: list[str]) -> np.ndarray:
+    """Grayscale float pixels, transparency composited onto a contrasting background."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return np.asarray(image.convert("L"), np.float64)
+    rgba = np.asarray(image.convert("RGBA"), np.float64)
+    alpha = rgba[..., 3] / 255.0
+    luminance = np.asarray(image.convert("RGBA").convert("L"), np.float64)
+    opaque = alpha > 0.5
+    ink_is_dark = not opaque.any() or float(luminance[opaque].mean()) < 128
+    background = 255.0 if ink_is_dark else 0.0
+    notes.append(f"transparency composited onto {'white' if ink_is_dark else 'black'}")
+    return alpha * luminance + (1 - alpha) * background
+
+
+def _ink_of_photo(gray: np.ndarray, dark_on_light: bool) -> np.ndarray | None:
+    """Bright ink on black (uint8) from a photo-like image, or None where no ink stands out."""
+    from PIL import Image
+    from scipy import ndimage
+
+    # Work at most 256 pixels on the long side: the digit ends as 20x20.
+    scale = min(1.0, 256 / max(gray.shape))
+    if scale < 1.0:
+        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+        gray = np.asarray(
+            Image.fromarray(gray.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX)
         )
-        gray = _fit_like_mnist(gray)
-    return gray[:, :, None], notes
+    if min(gray.shape) < 3:
+        return None
+    gray = ndimage.median_filter(gray, size=3)  # paper grain and sensor noise, not strokes
+    # The paper: what is left when every structure narrower than a fifth of the image (strokes
+    # are narrower) is closed (dark ink) or opened (light ink) away, smoothed.
+    width = max(3, (max(gray.shape) // 5) | 1)
+    if dark_on_light:
+        paper = ndimage.uniform_filter(ndimage.grey_closing(gray, size=(width, width)), size=width)
+        # Light falls on paper and ink alike: the ink is what the paper does not reflect.
+        ink = 255.0 * np.clip(1.0 - gray / np.maximum(paper, 1.0), 0, 1)
+    else:
+        paper = ndimage.uniform_filter(ndimage.grey_opening(gray, size=(width, width)), size=width)
+        ink = np.clip(gray - paper, 0, None)
+    strongest = float(np.percentile(ink, 99.5))
+    if strongest < MIN_INK_CONTRAST:
+        return None
+    # What is left of the grain is well below the strokes: keep what reaches a third of the
+    # stroke level, and of that only the pieces of at least 5 % of the largest (specks would
+    # widen the crop and shrink the digit).
+    kept = ink >= strongest / 3
+    pieces, count = ndimage.label(kept)
+    sizes = np.bincount(pieces.ravel())[1:]
+    kept &= np.isin(pieces, 1 + np.flatnonzero(sizes >= 0.05 * sizes.max()))
+    return np.clip(np.where(kept, ink, 0.0) * (255.0 / strongest), 0, 255).astype(np.uint8)
 
 
 def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
@@ -254,7 +347,9 @@ def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
     crop = gray[top:bottom, left:right]
     scale = MNIST_BOX / max(crop.shape)
     height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
-    small = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS), np.float64)
+    # Area averaging, as a sensor integrates light: a digit drawn at any multiple of MNIST's size
+    # comes back as the same pixels (Lanczos' ringing and sharpening cost a weak model ~8 points).
+    small = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BOX), np.float64)
     canvas = np.zeros((MNIST_SIZE, MNIST_SIZE))
     mass = small.sum() or 1.0
     rows, cols = np.indices(small.shape)

@@ -1,6 +1,8 @@
 """A trained run as a classifier: evaluate, predict on image files, export to PyTorch and StableHLO."""
 
 import json
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ from PIL import Image
 
 from jax_mnist.cli import main
 from jax_mnist.inference import (
+    ImageError,
     evaluation_paths,
     inference_model,
     log_probabilities,
@@ -79,7 +82,7 @@ def test_predict_reads_any_image_as_an_mnist_digit(run_dir, mnist, tmp_path, cap
     inverted, notes = read_image(tmp_path / "inverted.png")
     assert np.array_equal(inverted, plain) and notes[0].startswith("inverted")
     fitted, notes = read_image(tmp_path / "photo.jpg")
-    assert fitted.shape == (28, 28, 1) and any("resized from 152x152" in n for n in notes)
+    assert fitted.shape == (28, 28, 1) and any("152x152 fitted as MNIST was" in n for n in notes)
     rows, cols = np.indices((28, 28))
     mass = fitted[:, :, 0].astype(float)
     assert abs((rows * mass).sum() / mass.sum() - 14) < 1 and abs((cols * mass).sum() / mass.sum() - 14) < 1
@@ -160,3 +163,92 @@ def test_export_errors(run_dir, tmp_path, capsys):
         main(["export", str(run_dir), "--to", "pytorch", str(tmp_path / "no" / "such" / "dir" / "m.pt")]) == 2
     )
     assert "cannot write" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- photos
+
+
+def _clean_and_styles(test_images_raw, tmp_path, count=8):
+    from tests.photos import write_photo_set
+
+    paths = write_photo_set(test_images_raw[:count], tmp_path / "photos")
+    clean = [read_image(p)[0].astype(int) for p in paths["clean"]]
+    return paths, clean
+
+
+@pytest.mark.parametrize("style", ["offwhite", "gradient", "noisy", "exif", "alpha"])
+def test_a_photo_like_digit_reads_as_its_clean_mnist_digit(style, test_images_raw, tmp_path):
+    """Paper, lighting, grain, EXIF rotation and alpha-only ink are removed: what is left is close
+    to the clean digit (mean pixel difference; a wrong rotation or a grey box is far above it)."""
+    paths, clean = _clean_and_styles(test_images_raw, tmp_path)
+    differences = [np.abs(read_image(p)[0].astype(int) - c).mean() for p, c in zip(paths[style], clean)]
+    assert np.mean(differences) < 14, differences
+    # The same digit turned a quarter: what the EXIF case would give if the tag were ignored.
+    turned = [np.abs(np.rot90(c, axes=(0, 1)) - c).mean() for c in clean]
+    assert np.mean(turned) > 2 * np.mean(differences)
+
+
+def test_notes_say_what_was_done(test_images_raw, tmp_path):
+    paths, _ = _clean_and_styles(test_images_raw, tmp_path, count=1)
+    assert any("EXIF orientation" in n for n in read_image(paths["exif"][0])[1])
+    assert any("transparency composited onto white" in n for n in read_image(paths["alpha"][0])[1])
+    assert any("read as a photo" in n for n in read_image(paths["gradient"][0])[1])
+
+
+@pytest.mark.parametrize(
+    "pixels", [np.zeros((1, 1)), np.zeros((64, 64)), np.full((64, 64), 255), np.full((28, 28), 128)]
+)
+def test_a_blank_image_is_no_ink_found(pixels, tmp_path):
+    path = tmp_path / "blank.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    with pytest.raises(ImageError, match="blank.png: no ink found"):
+        read_image(path)
+
+
+def test_animated_images_are_refused_and_huge_ones_are_one_line(tmp_path):
+    import struct
+    import zlib
+
+    frames = [Image.fromarray(np.full((28, 28), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="two.gif: an image of 2 frames"):
+        read_image(tmp_path / "two.gif")
+    for side in (10_000, 20_000):  # PIL warns past 89M pixels and refuses past 179M: both are ours now
+        small = tmp_path / "small.png"
+        Image.new("L", (1, 1)).save(small)
+        data = bytearray(small.read_bytes())
+        header = struct.pack(">II", side, side) + bytes(data[24:29])  # IHDR: width, height, then the rest
+        data[16:29] = header
+        data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+        huge = tmp_path / f"huge-{side}.png"
+        huge.write_bytes(bytes(data))
+        with pytest.raises(ImageError, match=rf"huge-{side}.png: .*too large"):
+            read_image(huge)
+
+
+def test_each_image_gets_its_line_and_the_status_says_one_failed(run_dir, test_images_raw, tmp_path, capsys):
+    paths, _ = _clean_and_styles(test_images_raw, tmp_path, count=1)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "blank.png")
+    argv = [
+        "predict",
+        str(run_dir),
+        str(paths["clean"][0]),
+        str(tmp_path / "blank.png"),
+        str(paths["noisy"][0]),
+    ]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()[::2]] == [argv[2], argv[4]]
+    assert "blank.png: no ink found" in captured.err and "1 of 3 image(s) could not be read" in captured.err
+    assert main([*argv, "--json"]) == 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [("error" in row) for row in rows] == [False, True, False]
+
+
+def test_photo_like_digits_score_about_as_the_clean_ones(run_dir, mnist):
+    """The run of this test session (1,000 training examples) on 100 test digits in each style."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from photo_accuracy import photo_accuracies
+
+    accuracies = photo_accuracies(run_dir, mnist.test_images[:100], mnist.test_labels[:100])
+    assert min(accuracies.values()) >= accuracies["clean"] - 6, accuracies
