@@ -72,17 +72,27 @@ class Progress:
         )
         self.bar: tqdm.tqdm | None = None
         self.label, self.done, self.started, self.last_line = "", 0, 0.0, 0.0
+        self.compiling = False
 
     def start_epoch(self, epoch: int, first_in_process: bool) -> None:
         self.close()
         self.label, self.done = f"epoch {epoch + 1}/{self.epochs}", 0
         self.started = self.last_line = time.monotonic()
-        if self.mode != "bar":
-            return
-        self.bar = tqdm.tqdm(
-            total=self.total, desc=self.label, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True
+        self.compiling = first_in_process
+        if self.mode == "bar":
+            self.bar = self._new_bar(0)
+            self.bar.set_postfix_str("compiling, then training" if first_in_process else "training")
+
+    def _new_bar(self, initial: int) -> tqdm.tqdm:
+        return tqdm.tqdm(
+            total=self.total,
+            initial=initial,
+            desc=self.label,
+            unit="step",
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
         )
-        self.bar.set_postfix_str("compiling, then training" if first_in_process else "training")
 
     def status(self, text: str) -> None:
         if self.bar is not None:
@@ -90,10 +100,17 @@ class Progress:
 
     def __call__(self, steps_done: int, totals: dict) -> None:
         loss = float(np.sum(totals["loss_sum"]) / max(int(np.sum(totals["count"])), 1))
-        if self.bar is not None:
+        if self.bar is not None and self.compiling:
+            # The first chunk of a process includes the compile: rate and time left count from
+            # after it (a new bar that starts at these steps), not from the epoch's start.
+            self.bar.close()
+            self.bar = self._new_bar(steps_done)
+            self.bar.set_postfix_str(f"loss {loss:.4f}")
+        elif self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
             self.bar.update(steps_done - self.done)
             self.bar.refresh()  # chunks are seconds apart: show each one (tqdm would skip quick updates)
+        self.compiling = False
         now = time.monotonic()
         if self.mode == "plain" and steps_done < self.total and now - self.last_line >= self.plain_every_s:
             print(
