@@ -40,6 +40,7 @@ import numpy as np
 from jax_mnist import host_memory
 from jax_mnist.files import write_atomically
 from jax_mnist.recipes import get_recipe, with_overrides
+from jax_mnist.zoo import ORIGINAL_MODEL_NAMES
 
 # jax.monitoring events: one per function traced (also when the persistent cache then serves
 # the executable), one per executable XLA actually compiles.
@@ -429,20 +430,23 @@ def bench_all(steps: int = 10, compare_torch: bool = True, log=print) -> list[di
             "jax_step_p10_s": jax_step["p10_s"],
             "jax_step_p90_s": jax_step["p90_s"],
         }
-        if compare_torch:
+        has_torch_class = recipe.model in ORIGINAL_MODEL_NAMES  # this project's own nets have none
+        if compare_torch and has_torch_class:
             torch_step = bench_torch(recipe.model, recipe.batch_size, steps, 2)["train_step"]
             row.update(
                 torch_step_s=torch_step["median_s"], speedup=torch_step["median_s"] / jax_step["median_s"]
             )
         rows.append(row)
-        log(format_all_row(row))
+        log(format_all_row(row, compare_torch))
     return rows
 
 
-def format_all_row(row: dict) -> str:
+def format_all_row(row: dict, compare_torch: bool = False) -> str:
     text = f"| `{row['recipe']}` | {row['model']} | {row['batch_size']} | {row['jax_step_s'] * 1e3:.1f} |"
     if "torch_step_s" in row:
         text += f" {row['torch_step_s'] * 1e3:.1f} | {row['speedup']:.2f}x |"
+    elif compare_torch:
+        text += " — | — |"
     return text
 
 

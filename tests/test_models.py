@@ -175,7 +175,7 @@ def test_unknown_override_is_refused():
 
 
 def test_count_params_ignores_batch_stats():
-    variables = init_variables(get_model("model_4_batchnorm"), jax.random.key(0))
+    variables = jax.eval_shape(lambda: init_variables(get_model("model_4_batchnorm"), jax.random.key(0)))
     assert count_params(variables["params"]) == 7830
     assert count_params(variables["batch_stats"]) == 140  # means and variances: state, not params
 

@@ -17,7 +17,9 @@ def _torch_optimizer(lr=0.1, momentum=0.9):
 
 ONECYCLE_SETTINGS = [
     pytest.param(dict(max_lr=0.1, total_steps=235 * 15), marks=pytest.mark.slow),
-    dict(max_lr=0.05, total_steps=1000, pct_start=0.25, anneal_strategy="linear"),
+    pytest.param(
+        dict(max_lr=0.05, total_steps=1000, pct_start=0.25, anneal_strategy="linear"), marks=pytest.mark.slow
+    ),
     dict(max_lr=0.2, total_steps=500, pct_start=0.2, div_factor=10.0, final_div_factor=100.0),
     dict(max_lr=0.1, total_steps=300, three_phase=True),
     dict(max_lr=0.1, total_steps=301, three_phase=True, anneal_strategy="linear", pct_start=0.4),

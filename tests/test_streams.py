@@ -66,7 +66,7 @@ def test_engine_shuffles_with_the_epoch_key():
     programs = programs_for(
         ProgramConfig(with_overrides(get_recipe("model_3_lighter_model"), {"batch_size": 10}), 50, 2)
     )
-    _, keys = programs.init_seeds([5, 6])
+    keys = programs.place_states(stacked_run_keys([5, 6]))  # the keys init_seeds places
     orders = programs.shuffle(keys.shuffle, jnp.asarray(2, jnp.int32))
     for index, seed in enumerate([5, 6]):
         expected = jax.random.permutation(shuffle_key(run_keys(seed).shuffle, 2), 50)

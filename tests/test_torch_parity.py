@@ -25,9 +25,11 @@ def _torch_logp(model, batch_nhwc, train):
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
 @pytest.mark.parametrize(
     "name",
-    # The two large nets compile for seconds: slow tier.
+    # These compile for seconds each here: slow tier (models 5-8 keep parity in the fast loop).
     [
-        pytest.param(n, marks=pytest.mark.slow) if n in ("model_1_setup", "model_2_skeleton") else n
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in ("model_1_setup", "model_2_skeleton", "model_3_lighter_model", "model_4_batchnorm")
+        else n
         for n in ORIGINAL_MODEL_NAMES
     ],
 )
