@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from jax_mnist.errors import JaxMnistError
-from jax_mnist.recipes import MAX_EPOCHS  # noqa: E402
 
 MAX_SEEDS = 10_000  # a bound on typos: --seeds 1-100000 would plan for minutes
 
@@ -442,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jax-mnist {jax_mnist.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from jax_mnist.recipes import RECIPE_NAMES
+    from jax_mnist.recipes import MAX_EPOCHS, RECIPE_NAMES
 
     p = sub.add_parser(
         "recipes", help="every registered recipe (model, parameters, what it changes), or one recipe's fields"
