@@ -278,7 +278,9 @@ def test_reading_a_run_whose_tree_does_not_fit_changes_nothing(finished, mnist_d
     image = tmp_path / "digit.png"
     from PIL import Image
 
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[4:24, 12:16] = 255  # a "1": a blank image would be refused before the run is read
+    Image.fromarray(stroke).save(image)
     commands = [
         ["evaluate", out, "--data-dir", mnist_data_dir, "--no-download", "--out", tmp_path / "e.npz"],
         ["export", out, "--to", "pytorch", tmp_path / "m.pt"],
