@@ -243,14 +243,21 @@ def format_duration(seconds: float) -> str:
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
+def abbreviated(items: list[str], head: int = 8) -> str:
+    """``items`` joined by commas; a long list as its first ``head``, "…", its last, and the count."""
+    if len(items) <= head + 2:
+        return ", ".join(items)
+    return f"{', '.join(items[:head])}, …, {items[-1]} ({len(items):,} seeds)"
+
+
 def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str:
     """What is left, one line per recipe, with a time estimate from the study's own timings."""
     if not todos:
         return "nothing left: every recipe x seed asked for is complete"
     lines, total, unknown = [], 0.0, False
     for todo in todos:
-        seeds = ", ".join(
-            f"{s} ({n} ep)" if n != todo.recipe.epochs else str(s) for s, n in todo.epochs_left.items()
+        seeds = abbreviated(
+            [f"{s} ({n} ep)" if n != todo.recipe.epochs else str(s) for s, n in todo.epochs_left.items()]
         )
         estimate = estimate_seconds(todo, study)
         if estimate is None:
@@ -290,7 +297,7 @@ def run_study(
         previous = todo
         dirs = seed_dirs(root / todo.recipe.name, list(todo.epochs_left))
         log(
-            f"training {todo.recipe.name} seeds {', '.join(map(str, todo.epochs_left))} -> "
+            f"training {todo.recipe.name} seeds {abbreviated([str(s) for s in todo.epochs_left])} -> "
             f"{root / todo.recipe.name}"
         )
         train_seeds(todo.recipe, data, dirs, resume=started, train_examples=train_examples, log=log)

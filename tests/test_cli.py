@@ -203,3 +203,11 @@ def test_the_quick_start_runs_as_written_and_shows_the_committed_runs_line(
     committed = REPO / "results" / "study" / recipe / "seed-1" / "metrics.jsonl"
     last = json.loads(committed.read_text().splitlines()[-1])
     assert shown == epoch_line(last, 15)
+
+
+def test_a_long_study_plan_is_abbreviated(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path / "study"), "--seeds", "1-10000", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plan = [line for line in lines if line.startswith("  ")]
+    assert plan and all("seeds 1, 2, 3, 4, 5, 6, 7, 8, …, 10000 (10,000 seeds)" in line for line in plan)
+    assert max(len(line) for line in lines) < 200
