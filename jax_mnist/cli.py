@@ -220,7 +220,12 @@ def cmd_train(args) -> None:
     from jax_mnist.run import seed_dirs, train_seeds
 
     overrides = parse_set(args.set)
-    for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
+    for flag, field in (
+        ("epochs", "epochs"),
+        ("batch_size", "batch_size"),
+        ("lr", "lr"),
+        ("validation", "validation"),
+    ):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     recipe = with_overrides(get_recipe(args.recipe), overrides)
@@ -298,6 +303,16 @@ def cmd_report(args) -> None:
     from jax_mnist.report import paste_into, pasted_section, render_markdown, write_figures
 
     out = Path(args.out or args.study)
+    if args.screening:
+        from jax_mnist.files import write_atomically
+        from jax_mnist.report import render_screening
+
+        if args.readme or args.check:
+            raise UserError("--screening writes screening.md only; --readme and --check are for the study")
+        text = render_screening(args.study)
+        print(text, end="")
+        print(f"wrote {write_atomically(out / 'screening.md', text)}")
+        return
     if args.check:
         if not args.readme:
             raise UserError("--check compares a README with the report: name it with --readme")
@@ -524,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=float, help="learning rate (the peak for OneCycle recipes)")
     p.add_argument(
+        "--validation",
+        type=whole_number(0),
+        metavar="N",
+        help="hold N training examples out as a validation split (the same for every seed) and score "
+        "each epoch on it instead of the test set: for screening recipes (default the recipe's: 0)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -621,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RECIPE/seed-S",
         help="the run whose test errors are drawn (its jax-mnist evaluate output; "
         f"default {DEFAULT_EVALUATED_RUN})",
+    )
+    p.add_argument(
+        "--screening",
+        action="store_true",
+        help="the validation figures of screening runs (trained with --validation N) instead: "
+        "prints them and writes screening.md",
     )
     p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
     p.add_argument(

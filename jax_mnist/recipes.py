@@ -24,6 +24,10 @@ class Recipe:
     epochs: int = 15
     batch_size: int = 256
     eval_batch_size: int = 1000
+    # Training examples held out as a validation split (jax_mnist.data.validation_indices: the
+    # same examples for every seed and recipe): 0 trains on all and scores on the test set; N > 0
+    # trains on the rest and scores on the held-out N only (screening runs; the test set untouched).
+    validation: int = 0
     # SGD as PyTorch's: momentum buffer b = m*b + (g + wd*p); p -= lr*b.
     lr: float = 0.01  # the peak (max_lr) for schedule="onecycle"
     momentum: float = 0.9
@@ -79,6 +83,7 @@ _RANGES = {
     "epochs": (1, _INF, True, False),
     "batch_size": (1, _INF, True, False),
     "eval_batch_size": (1, _INF, True, False),
+    "validation": (0, _INF, True, False),
     "step_size": (1, _INF, True, False),
     "lr": (0, _INF, False, False),
     "momentum": (0, 1, True, False),
@@ -193,6 +198,20 @@ def changes(recipe: Recipe) -> list[str]:
         for f in dataclasses.fields(Recipe)
         if f.name not in ("name", "model") and getattr(recipe, f.name) != f.default
     ]
+
+
+def nearest_registered(recipe: Recipe) -> tuple[str, list[str]]:
+    """The registered recipe ``recipe`` differs from in the fewest fields (the first in registry
+    order on a tie), and ``field=value`` of each field where it differs (its name aside)."""
+
+    def differences(registered: Recipe) -> list[str]:
+        return [
+            f"{f.name}={getattr(recipe, f.name)}"
+            for f in dataclasses.fields(Recipe)
+            if f.name != "name" and getattr(recipe, f.name) != getattr(registered, f.name)
+        ]
+
+    return min(((name, differences(r)) for name, r in RECIPES.items()), key=lambda item: len(item[1]))
 
 
 def is_original(recipe: Recipe) -> bool:

@@ -1,8 +1,10 @@
-"""The study's report, from its run directories alone: a Markdown table and three figures.
+"""The study's report, from its run directories alone: a Markdown table and four figures.
 
 ``render_markdown`` gives the table (one row per recipe, as distributions over seeds), the walk
-of the original read against seed noise, and links to ``curves.png``, ``misclassified.png`` and
+of the original read against seed noise, the smallest net that holds the target, and links to
+``curves.png``, ``frontier.png`` (accuracy per parameter), ``misclassified.png`` and
 ``confusion.png``, which ``write_figures`` draws (deterministic bytes for given inputs).
+``render_screening`` gives the validation figures of screening runs.
 ``paste_into`` puts the Markdown between two marker lines of a README.
 """
 
@@ -53,7 +55,7 @@ WALK = (
     "final",
     "final_onecycle",
 )
-FIGURES = ("curves.png", "misclassified.png", "confusion.png")
+FIGURES = ("curves.png", "frontier.png", "misclassified.png", "confusion.png")
 # The run whose test-set errors are drawn, when none is named: the project's best recipe.
 DEFAULT_EVALUATED_RUN = "final_onecycle/seed-1"
 MARKERS = ("<!-- jax-mnist report: start -->", "<!-- jax-mnist report: end -->")
@@ -72,6 +74,7 @@ class RecipeResult:
     planned_epochs: int  # the registered recipe's epochs
     runs: list[SeedRun]  # seeds of one identity (recipe and data): samples of one experiment
     left_out: tuple = ()  # (seed, why) of runs in the recipe's directory with another identity
+    split: str = "test"  # what the figures are of: "test", or "val" (screening runs' validation split)
 
     @property
     def train_examples(self) -> int:
@@ -81,33 +84,50 @@ class RecipeResult:
     def finished(self) -> list[SeedRun]:
         return [r for r in self.runs if r.finished]
 
+    def accuracies(self, run: SeedRun) -> list[float]:
+        return run.accuracies(self.split)
+
     @property
     def last(self) -> list[float]:
-        return [r.test_accuracies[-1] for r in self.finished]
+        return [self.accuracies(r)[-1] for r in self.finished]
 
     @property
     def window_minima(self) -> list[float]:
-        return [min(r.test_accuracies[-LAST:]) for r in self.finished]
+        return [min(self.accuracies(r)[-LAST:]) for r in self.finished]
 
     @property
     def held(self) -> int:
         return sum(m >= TARGET for m in self.window_minima)
 
 
-def collect(study: dict[str, list[SeedRun]]) -> list[RecipeResult]:
-    """A row for every registered recipe (missing ones with no runs), then any other recipe found."""
+_OTHER_SPLIT = {
+    "test": "a screening run, scored on its validation split (jax-mnist report --screening shows it)",
+    "val": "scored on the test set, not on a validation split",
+}
+
+
+def collect(study: dict[str, list[SeedRun]], split: str = "test") -> list[RecipeResult]:
+    """A row of ``split``'s figures for every registered recipe (missing ones with no runs), then
+    any other recipe found; with ``split="val"`` (screening runs) only the recipes that have runs
+    scored on a validation split. Runs scored on the other split are left out, saying so."""
     names = list(RECIPE_NAMES) + [n for n in study if n not in RECIPE_NAMES]
     results = []
     for name in names:
-        runs = study.get(name, [])
-        if name in RECIPE_NAMES:
+        found = study.get(name, [])
+        runs = [r for r in found if r.scored_split == split]
+        other = tuple((r.seed, _OTHER_SPLIT[split]) for r in found if r.scored_split != split)
+        if not runs and (split == "val" or name not in RECIPE_NAMES):
+            continue  # a row for each registered recipe in the study table; the others where run
+        if name in RECIPE_NAMES and split == "test":
             recipe = get_recipe(name)
             model, epochs = recipe.model, recipe.epochs
         else:
             model, epochs = runs[0].config["recipe"]["model"], runs[0].epochs
         kept, left_out = one_identity(name, runs)
         kept, broken = finite_runs(kept)
-        results.append(RecipeResult(name, model, epochs, kept, tuple(sorted(left_out + broken))))
+        results.append(
+            RecipeResult(name, model, epochs, kept, tuple(sorted(left_out + broken + other)), split)
+        )
     return results
 
 
@@ -225,7 +245,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
                 f"{last[0]:.2f} (one seed)"
                 if len(last) == 1
                 else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
-                _mean_and_range([max(r.test_accuracies) for r in res.finished]),
+                _mean_and_range([max(res.accuracies(r)) for r in res.finished]),
                 ", ".join(f"{m:.2f}" for m in minima),
                 f"{res.held}/{len(res.finished)}",
                 f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
@@ -315,6 +335,13 @@ def render_markdown(
         "",
         f"![test accuracy per epoch]({link}/curves.png)",
         "",
+        "Accuracy per parameter: each recipe's trainable parameters against its last-epoch test accuracy "
+        f"(mean, and the range over its seeds), with how many seeds hold ≥ {TARGET} % over the last {LAST} "
+        "epochs; the line joins the recipes no other beats with fewer parameters. "
+        + smallest_holding(results, summaries),
+        "",
+        f"![accuracy per parameter]({link}/frontier.png)",
+        "",
     ]
     if evaluated is None:
         lines.append(
@@ -332,6 +359,102 @@ def render_markdown(
             f"![confusion matrix]({link}/confusion.png)",
         ]
     return "\n".join(lines) + "\n"
+
+
+SCREENING_HEADER = [
+    "candidate",
+    "model",
+    "params",
+    "recipe: the nearest registered one + what differs",
+    "epochs",
+    "seeds",
+    "validation % at the last epoch: mean ± std (min)",
+    f"per seed: min validation % over the last {LAST} epochs",
+    f"seeds ≥ {TARGET} in each of the last {LAST}",
+    "train % at the last epoch (mean)",
+    "wall minutes per seed (mean), device",
+]
+
+
+def screening_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[str]]:
+    from jax_mnist.recipes import nearest_registered
+
+    rows = []
+    for res in results:
+        base, differences = nearest_registered(res.runs[0].recipe)
+        head = [
+            f"`{res.name}`",
+            f"`{res.model}`",
+            f"{summaries[res.model].total_params:,}",
+            f"`{base}` + {', '.join(differences)}" if differences else f"`{base}`",
+            _epochs_cell(res),
+            _seeds_cell(res),
+        ]
+        if not res.finished:
+            rows.append(head + ["—"] * 5)
+            continue
+        last, minima = res.last, res.window_minima
+        seconds = sum(seconds_per_seed_epoch(res.finished)) / len(res.finished)
+        devices = sorted({str(r.config.get("device", {}).get("kind", "?")) for r in res.finished})
+        rows.append(
+            head
+            + [
+                f"{last[0]:.2f} (one seed)"
+                if len(last) == 1
+                else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+                ", ".join(f"{m:.2f}" for m in minima),
+                f"{res.held}/{len(res.finished)}",
+                f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
+                f"{seconds / 60:.1f}, {'/'.join(devices)}",
+            ]
+        )
+    return rows
+
+
+def render_screening(study_dir: str | os.PathLike) -> str:
+    """The validation figures of the screening runs under ``study_dir`` (``<candidate>/seed-<s>/``,
+    each trained with ``--validation N``), as Markdown; no test figure is involved."""
+    from jax_mnist.summary import summarize
+
+    results = collect(read_study(study_dir), split="val")
+    if not results:
+        raise ReportError(
+            f"{study_dir}: no run scored on a validation split (train screening runs with --validation N)"
+        )
+    sizes = sorted({r.validation for res in results for r in res.runs})
+    summaries = {res.model: summarize(res.model) for res in results}
+    return (
+        "\n".join(
+            [
+                f"Made by `jax-mnist report {Path(study_dir).as_posix()} --screening` from `config.json` and "
+                "`metrics.jsonl` of each run directory (nothing typed in). Validation accuracy is over the "
+                f"{' / '.join(f'{n:,}' for n in sizes)} training examples each run held out (the same "
+                "examples for every seed and candidate: `jax_mnist.data.validation_indices`); these runs "
+                "never scored the test set. Figures are over the finished seeds only.",
+                "",
+                *_markdown_table(SCREENING_HEADER, screening_rows(results, summaries)),
+            ]
+        )
+        + "\n"
+    )
+
+
+def smallest_holding(results: Sequence[RecipeResult], summaries: dict, seeds: int = 5) -> str:
+    """One sentence: the recipe with the fewest parameters that holds the target on all of at
+    least ``seeds`` finished seeds (the study's headline question), from the runs."""
+    holding = [r for r in results if len(r.finished) >= seeds and r.held == len(r.finished)]
+    if not holding:
+        return (
+            f"No recipe holds ≥ {TARGET} % in each of its last {LAST} epochs on all of {seeds} or more "
+            "finished seeds yet."
+        )
+    best = min(holding, key=lambda r: (summaries[r.model].total_params, r.name))
+    return (
+        f"The smallest net that holds ≥ {TARGET} % test accuracy in each of its last {LAST} epochs on "
+        f"every seed run ({len(best.finished)} of {len(best.finished)}, {seeds} or more): `{best.model}` "
+        f"({summaries[best.model].total_params:,} parameters), recipe `{best.name}`, last epoch "
+        f"{statistics.mean(best.last):.2f} ± {_std(best.last):.2f}."
+    )
 
 
 def _evaluated(study_dir, evaluated_run: str):
@@ -429,6 +552,84 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     _save(figure, path)
 
 
+def frontier_points(results: Sequence[RecipeResult], summaries: dict) -> list[dict]:
+    """Per recipe with finished seeds: parameters, last-epoch accuracies, seeds holding, and
+    whether it is on the frontier (no other recipe with no more parameters has a higher mean)."""
+    points = [
+        {
+            "name": r.name,
+            "params": summaries[r.model].total_params,
+            "last": r.last,
+            "mean": statistics.mean(r.last),
+            "held": r.held,
+            "seeds": len(r.finished),
+        }
+        for r in results
+        if r.finished
+    ]
+    for p in points:
+        p["frontier"] = not any(
+            q is not p and q["params"] <= p["params"] and q["mean"] > p["mean"] for q in points
+        )
+    return sorted(points, key=lambda p: (p["params"], p["name"]))
+
+
+def draw_frontier(results: Sequence[RecipeResult], summaries: dict, path: Path) -> None:
+    from matplotlib import colormaps
+
+    figure = _figure(12, 6.2)
+    axes = figure.subplots()
+    points = frontier_points(results, summaries)
+    markers = ("o", "s", "^", "D", "v", "P", "X")
+    for i, p in enumerate(points):
+        low, high = min(p["last"]), max(p["last"])
+        holds_all = p["held"] == p["seeds"] and p["seeds"] >= 5
+        axes.errorbar(
+            p["params"],
+            p["mean"],
+            yerr=[[p["mean"] - low], [high - p["mean"]]],
+            fmt=markers[i % len(markers)],
+            color=colormaps["tab20"](i % 20),
+            mfc=colormaps["tab20"](i % 20) if p["held"] else "white",
+            ms=7,
+            capsize=3,
+            lw=1.2,
+            label=f"{p['name']} ({p['params']:,}): {p['held']}/{p['seeds']}" + (" ✓" if holds_all else ""),
+        )
+    on = [p for p in points if p["frontier"]]
+    if on:
+        axes.plot(
+            [p["params"] for p in on],
+            [p["mean"] for p in on],
+            color="grey",
+            lw=1,
+            ls=":",
+            zorder=0,
+            label="frontier: no recipe with fewer parameters is better",
+        )
+    axes.axhline(TARGET, color="black", ls="--", lw=1, label=f"{TARGET} %")
+    axes.set_xscale("log")
+    ys = [np.array(p["last"]) for p in points]
+    low, high = accuracy_limits(ys, TARGET)
+    axes.set(
+        title="Last-epoch test accuracy (seed mean, bar: min to max) against trainable parameters",
+        xlabel="trainable parameters (log scale)",
+        ylabel="test accuracy at the last epoch (%)",
+        ylim=(min([low] + [float(y.min()) - 0.05 for y in ys]), high),
+    )
+    axes.legend(
+        title=f"recipe (parameters): seeds ≥ {TARGET} % in each of\nthe last {LAST} epochs "
+        "(hollow: none; ✓: all of ≥ 5)",
+        title_fontsize=7,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    axes.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def draw_misclassified(predictions, title: str, path: Path, columns: int = 12, max_images: int = 96) -> None:
     shown = min(len(predictions.misclassified_index), max_images)
     rows = max(1, -(-shown // columns))
@@ -488,8 +689,11 @@ def write_figures(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ReportError(f"{out}: cannot create the directory ({e.strerror})") from None
-    written = [out / "curves.png"]
+    from jax_mnist.summary import summarize
+
+    written = [out / "curves.png", out / "frontier.png"]
     draw_curves(results, written[0])
+    draw_frontier(results, {res.model: summarize(res.model) for res in results}, written[1])
     evaluated = _evaluated(study_dir, evaluated_run)
     if evaluated is not None:
         predictions, _ = evaluated

@@ -7,8 +7,9 @@ files a single-seed run of it writes.
 A run directory (``jax_mnist.rundir`` checks, locks and verifies it) holds ``config.json``,
 ``metrics.jsonl`` (one JSON object per finished epoch: ``epoch`` 1-based, ``lr``,
 ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``epoch_seconds``;
-accuracies in percent), the orbax checkpoints of the last two epochs and of the best one,
-and their digests.
+accuracies in percent; a recipe with ``validation`` N > 0 holds N training examples out,
+trains on the rest and records ``val_loss``, ``val_accuracy`` instead of the test figures),
+the orbax checkpoints of the last two epochs and of the best one, and their digests.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import numpy as np
 import tqdm
 
 from jax_mnist import hosts
-from jax_mnist.data import Mnist
+from jax_mnist.data import Mnist, split_validation
 from jax_mnist.engine import ProgramConfig, Programs, means, programs_for, seed_slice, steps_per_epoch
 from jax_mnist.recipes import Recipe
-from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity
+from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity, scored_split
 from jax_mnist.streams import RunKeys
 
 
@@ -129,10 +130,12 @@ class Progress:
 
 def epoch_line(row: dict, epochs: int, seed: int | None = None) -> str:
     """The line a run prints after each epoch, from that epoch's ``metrics.jsonl`` row."""
+    split = scored_split(row)
     return (
         f"epoch {row['epoch']:>2}/{epochs}{'' if seed is None else f' seed {seed}'}  lr {row['lr']:.5f}  "
         f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}%  "
-        f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  {row['epoch_seconds']:.1f} s"
+        f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_accuracy']:.2f}%  "
+        f"{row['epoch_seconds']:.1f} s"
     )
 
 
@@ -247,7 +250,16 @@ def train_seeds(
     Every directory is checked before anything is written in any of them.
     Returns each seed's metrics of every epoch. ``progress``: show the bar (default: on a terminal).
     """
-    num_train = data.train_labels.shape[0]
+    training_split = data.train_labels.shape[0]
+    if recipe.validation >= training_split:
+        raise RunError(
+            f"validation must hold out fewer than the {training_split:,} training examples, "
+            f"found {recipe.validation:,}"
+        )
+    (train_images, train_labels), held_out = split_validation(
+        data.train_images, data.train_labels, recipe.validation
+    )
+    num_train = train_labels.shape[0]
     train_examples = num_train if train_examples is None else train_examples
     if not run_dirs:
         raise RunError("no seeds to train")
@@ -255,7 +267,8 @@ def train_seeds(
     if bad_seeds:
         raise RunError(f"seeds must be whole numbers from 0 to 2**63 - 1, found {bad_seeds[0]}")
     if not 1 <= train_examples <= num_train:
-        raise RunError(f"--train-examples must be between 1 and {num_train}, found {train_examples}")
+        kept = f" (the {recipe.validation:,} validation examples held out)" if recipe.validation else ""
+        raise RunError(f"--train-examples must be between 1 and {num_train}{kept}, found {train_examples}")
     if recipe.batch_size > train_examples:
         raise RunError(
             f"batch size {recipe.batch_size} is larger than the {train_examples} training examples"
@@ -265,13 +278,16 @@ def train_seeds(
     programs = functools.partial(_programs, recipe, train_examples)
     with contextlib.ExitStack() as stack:
         runs = _shared_runs(
-            lambda: _open_runs(stack, programs(1), recipe, run_dirs, resume, train_examples, log), run_dirs
+            lambda: _open_runs(
+                stack, programs(1), recipe, run_dirs, resume, train_examples, training_split, log
+            ),
+            run_dirs,
         )
-        # The data sets are placed alike for every number of seeds.
-        train_set = programs(1).place_data(
-            (data.train_images[:train_examples], data.train_labels[:train_examples])
-        )
-        test_set = programs(1).place_data((data.test_images, data.test_labels))
+        # The data sets are placed alike for every number of seeds. A run with a validation split
+        # is scored on it alone: the test set is left for the figures reported.
+        train_set = programs(1).place_data((train_images[:train_examples], train_labels[:train_examples]))
+        scored = ("val", held_out) if recipe.validation else ("test", (data.test_images, data.test_labels))
+        score_set = (scored[0], programs(1).place_data(scored[1]))
         groups: dict[int, list[RunDir]] = {}
         for run in runs:
             if run.start_epoch >= recipe.epochs:
@@ -286,7 +302,7 @@ def train_seeds(
                     group,
                     start_epoch,
                     train_set,
-                    test_set,
+                    score_set,
                     log,
                     on_epoch_end,
                     progress,
@@ -309,10 +325,14 @@ def _open_runs(
     run_dirs: Mapping[int, str | os.PathLike],
     resume: bool,
     train_examples: int,
+    training_split: int,
     log,
 ) -> list[RunDir]:
     """Every run directory checked, then each opened (locked, restored) for the life of ``stack``."""
-    plans = {seed: (Path(out), run_identity(recipe, seed, train_examples)) for seed, out in run_dirs.items()}
+    plans = {
+        seed: (Path(out), run_identity(recipe, seed, train_examples, training_split))
+        for seed, out in run_dirs.items()
+    }
     started = {
         seed
         for seed, (out, _) in plans.items()
@@ -368,13 +388,15 @@ def _train_group(
     group: list[RunDir],
     start_epoch: int,
     train_set,
-    test_set,
+    score_set: tuple[str, tuple],
     log,
     on_epoch_end,
     progress_enabled,
     name_seeds: bool,
 ) -> None:
-    """Epochs ``start_epoch`` .. of the seeds in ``group``, stacked on one seed axis."""
+    """Epochs ``start_epoch`` .. of the seeds in ``group``, stacked on one seed axis, each scored
+    on ``score_set``: ("test", test set) or ("val", the validation split)."""
+    split, scored_set = score_set
     seeds = [run.seed for run in group]
     states, keys = programs.init_seeds(seeds)
     if start_epoch:
@@ -406,8 +428,9 @@ def _train_group(
             raise NonFiniteLoss(
                 f"epoch {epoch + 1}: training loss is {bad[0][1]}{which}; run stopped. {where}"
             )
-        bar.status(f"evaluating {len(seeds)} seed(s) on {test_set[1].shape[0]:,} test images")
-        tests = evaluate_seeds(programs, states, test_set)
+        where = "test images" if split == "test" else "validation images"
+        bar.status(f"evaluating {len(seeds)} seed(s) on {scored_set[1].shape[0]:,} {where}")
+        scores = evaluate_seeds(programs, states, scored_set)
         epoch_seconds = round(time.perf_counter() - started, 3)
         bar.status("saving checkpoints")
         saved = (
@@ -419,8 +442,8 @@ def _train_group(
                 "lr": float(str(np.float32(lr))),  # the float32 LR used, in its shortest decimal form
                 "train_loss": float(train_losses[k]),
                 "train_accuracy": 100.0 * int(sums["correct"][k]) / int(sums["count"][k]),
-                "test_loss": tests[k]["loss"],
-                "test_accuracy": tests[k]["accuracy"],
+                f"{split}_loss": scores[k]["loss"],
+                f"{split}_accuracy": scores[k]["accuracy"],
                 "epoch_seconds": epoch_seconds,
             }
             run.commit_epoch(row, seed_slice(saved, k))

@@ -10,7 +10,8 @@ Layout (one seed):
   rename commits the epoch: its metrics row and its weights become visible together;
 - ``metrics.jsonl``: one JSON object per committed epoch, rewritten after each commit (a copy of
   the newest record's history, for readers that read no checkpoint);
-- ``best/<epoch>/``: the same, of the epoch with the best test accuracy so far;
+- ``best/<epoch>/``: the same, of the epoch with the best test accuracy so far (validation
+  accuracy in a run with a validation split);
 - ``quarantine/``: checkpoints a training could not use (bytes that fail their digest or do
   not decode), moved there with the ``metrics.jsonl`` of that moment, never deleted;
 - ``.lock``: locked (``fcntl.flock``) by the process training in the directory; the pid inside
@@ -69,9 +70,36 @@ class RunError(JaxMnistError, ValueError):
 _EXTENDABLE = {"recipe.epochs"}
 
 
-def run_identity(recipe: Recipe, seed: int, train_examples: int) -> dict:
-    """What must match for a run directory to be resumed (everything that changes the numbers)."""
-    return {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
+def run_identity(
+    recipe: Recipe, seed: int, train_examples: int, training_split: int = MNIST_TRAIN_EXAMPLES
+) -> dict:
+    """What must match for a run directory to be resumed (everything that changes the numbers).
+
+    ``train_examples``: the examples trained on; ``training_split``: the size of the training split
+    the recipe's validation examples are held out of (stated, with their digest, when it has any).
+    """
+    identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
+    if recipe.validation:
+        from jax_mnist.data import validation_digest
+
+        identity["validation_split"] = {
+            "examples": recipe.validation,
+            "held_out_of": training_split,
+            "indices": f"floor(i * {training_split} / {recipe.validation}) for i = 0 .. "
+            f"{recipe.validation - 1}, of the training split in its order (the same for every seed)",
+            "sha256": validation_digest(training_split, recipe.validation),
+        }
+    return identity
+
+
+def scored_split(row: dict) -> str:
+    """The split an epoch row was scored on: "val" (a screening run's validation split) or "test"."""
+    return "val" if "val_accuracy" in row else "test"
+
+
+def scored_accuracy(row: dict) -> float:
+    """The accuracy an epoch is judged by (the best checkpoint): validation when the run has it."""
+    return row[f"{scored_split(row)}_accuracy"]
 
 
 _RECIPE_DEFAULTS = {
@@ -184,8 +212,22 @@ class RunRecord:
         return len(self.history) >= self.epochs
 
     @property
+    def validation(self) -> int:
+        """Training examples the run held out as its validation split (0: none, scored on the test set)."""
+        return int(self.config["recipe"].get("validation", 0))
+
+    @property
+    def scored_split(self) -> str:
+        """ "val" for a run with a validation split (its rows hold no test figures), else "test"."""
+        return "val" if self.validation else "test"
+
+    def accuracies(self, split: str = "test") -> list[float]:
+        """``split``'s accuracy (%) per epoch (KeyError-free: [] when the run does not score it)."""
+        return [row[f"{split}_accuracy"] for row in self.history if f"{split}_accuracy" in row]
+
+    @property
     def test_accuracies(self) -> list[float]:
-        return [row["test_accuracy"] for row in self.history]
+        return self.accuracies("test")
 
     @property
     def identity(self) -> dict:
@@ -457,7 +499,7 @@ class RunDir:
 
     @property
     def best_accuracy(self) -> float:
-        return max((row["test_accuracy"] for row in self.history), default=-math.inf)
+        return max((scored_accuracy(row) for row in self.history), default=-math.inf)
 
     @property
     def last_epoch(self) -> int | None:
@@ -509,7 +551,7 @@ class RunDir:
                 self.out / "config.json",
                 json.dumps({**previous, "recipe": identity["recipe"]}, indent=2) + "\n",
             )
-        best = max(history, key=lambda r: r["test_accuracy"], default=None)
+        best = max(history, key=scored_accuracy, default=None)
         if (
             state is not None
             and best is not None
@@ -530,7 +572,7 @@ class RunDir:
     def commit_epoch(self, row: dict, state) -> None:
         """Record an epoch: its checkpoint with its row (the commit), then the best checkpoint,
         then ``metrics.jsonl``. A crash at any point leaves a directory ``--resume`` continues."""
-        best = row["test_accuracy"] > self.best_accuracy
+        best = scored_accuracy(row) > self.best_accuracy
         self.history.append(row)
         if not self.local:
             return
@@ -551,6 +593,8 @@ __all__ = [
     "read_history",
     "check_run_dir",
     "run_identity",
+    "scored_accuracy",
+    "scored_split",
     "identity_differences",
     "locked",
     "read_metrics",

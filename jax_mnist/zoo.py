@@ -220,19 +220,23 @@ _MODELS: dict[str, tuple[tuple[LayerSpec, ...], str]] = {
 ORIGINAL_MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)  # the eight networks of the original study
 
 
-def _ours(widths: tuple[int, int, int, int, int, int, int], dropout: float) -> tuple[LayerSpec, ...]:
+def _ours(
+    widths: tuple[int, int, int, int, int, int, int], dropout: float, first_padding: int = 0
+) -> tuple[LayerSpec, ...]:
     """This project's small nets (issue "accuracy per parameter"): three 3x3 convs at full
-    resolution, max pool, a 1x1 squeeze, three 3x3 convs (the last padded, so 7x7 stays 7x7),
-    GAP and a 1x1 head. conv -> BN -> ReLU, no biases, dropout after every block but the last.
-    ``widths``: the seven conv widths before the head."""
+    resolution, max pool, a 1x1 squeeze, three 3x3 convs (the last padded, so its map keeps its
+    size), GAP and a 1x1 head. conv -> BN -> ReLU, no biases, dropout after every block but the
+    last. ``widths``: the seven conv widths before the head. ``first_padding=1`` pads the first
+    three convs (28x28 throughout, then 14 -> 12 -> 10 -> 10): the same parameters, about 1.5x the
+    multiply-adds, more positions for each filter to see."""
     c1, c2, c3, squeeze, c4, c5, c6 = widths
     block = lambda name, f, k, padding=0, drop=dropout: ConvSpec(
         name, f, k, padding=padding, batchnorm=True, dropout=drop
     )
     return (
-        block("convblock1", c1, 3),
-        block("convblock2", c2, 3),
-        block("convblock3", c3, 3),
+        block("convblock1", c1, 3, first_padding),
+        block("convblock2", c2, 3, first_padding),
+        block("convblock3", c3, 3, first_padding),
         PoolSpec("pool1"),
         block("transition1", squeeze, 1),
         block("convblock4", c4, 3),
@@ -245,6 +249,7 @@ def _ours(widths: tuple[int, int, int, int, int, int, int], dropout: float) -> t
 
 _MODELS["ours_8k"] = (_ours((8, 12, 14, 8, 12, 16, 16), dropout=0.05), "sequential")
 _MODELS["ours_5k"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05), "sequential")
+_MODELS["ours_5k_pad"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05, first_padding=1), "sequential")
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 INPUT_SHAPE = (28, 28, 1)
 

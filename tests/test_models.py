@@ -26,8 +26,14 @@ EXPECTED_PARAMS = {
     # This project's own (docs/accuracy.md): under 8,000 and under 5,000.
     "ours_8k": 7_788,
     "ours_5k": 4_888,
+    "ours_5k_pad": 4_888,  # ours_5k's widths, its first three convs padded (issue 21's screening)
 }
-RECEPTIVE_FIELDS = {"model_1_setup": 40, "ours_8k": 32, "ours_5k": 32}  # the others: 28 (spec)
+RECEPTIVE_FIELDS = {
+    "model_1_setup": 40,
+    "ours_8k": 32,
+    "ours_5k": 32,
+    "ours_5k_pad": 38,
+}  # the others: 28 (spec)
 
 
 def test_model_names_in_study_order():
@@ -35,7 +41,8 @@ def test_model_names_in_study_order():
 
 
 def test_our_models_are_under_their_budgets():
-    assert EXPECTED_PARAMS["ours_8k"] < 8_000 and EXPECTED_PARAMS["ours_5k"] < 5_000
+    assert EXPECTED_PARAMS["ours_8k"] < 8_000
+    assert EXPECTED_PARAMS["ours_5k"] < 5_000 and EXPECTED_PARAMS["ours_5k_pad"] < 5_000
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -127,7 +127,8 @@ def test_the_report_is_the_same_bytes_every_time(fake_study, tmp_path):
     for name in ("a", "b"):
         assert main(["report", str(fake_study), "--out", str(tmp_path / name), "--run", "final/seed-1"]) == 0
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())})
-    assert sorted(outputs[0]) == ["confusion.png", "curves.png", "misclassified.png", "report.md"]
+    figures = ["confusion.png", "curves.png", "frontier.png", "misclassified.png"]
+    assert sorted(outputs[0]) == [*figures, "report.md"]
     assert outputs[0] == outputs[1]
     assert all(
         data.startswith(b"\x89PNG") and len(data) > 10_000
