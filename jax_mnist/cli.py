@@ -311,6 +311,10 @@ def cmd_report(args) -> None:
             raise UserError("--screening writes screening.md only; --readme and --check are for the study")
         text = render_screening(args.study)
         print(text, end="")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{out}: cannot create the directory ({e.strerror})") from None
         print(f"wrote {write_atomically(out / 'screening.md', text)}")
         return
     if args.check:

@@ -31,4 +31,5 @@ from jax_mnist.zoo import (  # noqa: F401
     get_model,
     init_variables,
     model_layers,
+    parameter_count,
 )

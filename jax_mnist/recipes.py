@@ -201,8 +201,11 @@ def changes(recipe: Recipe) -> list[str]:
 
 
 def nearest_registered(recipe: Recipe) -> tuple[str, list[str]]:
-    """The registered recipe ``recipe`` differs from in the fewest fields (the first in registry
-    order on a tie), and ``field=value`` of each field where it differs (its name aside)."""
+    """The registered recipe ``recipe`` is a variant of, and ``field=value`` of each field where it
+    differs (its name aside): among the recipes of the same model if there are any, else among all,
+    the one that differs in the fewest fields; ties go to the model of the nearest parameter count,
+    then to registry order."""
+    from jax_mnist.zoo import parameter_count
 
     def differences(registered: Recipe) -> list[str]:
         return [
@@ -211,7 +214,14 @@ def nearest_registered(recipe: Recipe) -> tuple[str, list[str]]:
             if f.name != "name" and getattr(recipe, f.name) != getattr(registered, f.name)
         ]
 
-    return min(((name, differences(r)) for name, r in RECIPES.items()), key=lambda item: len(item[1]))
+    same_model = {n: r for n, r in RECIPES.items() if r.model == recipe.model}
+    pool = same_model or RECIPES
+    size = parameter_count(recipe.model)
+    name = min(
+        pool,
+        key=lambda n: (len(differences(pool[n])), abs(parameter_count(pool[n].model) - size)),
+    )
+    return name, differences(pool[name])
 
 
 def is_original(recipe: Recipe) -> bool:

@@ -222,7 +222,8 @@ class RunRecord:
         return "val" if self.validation else "test"
 
     def accuracies(self, split: str = "test") -> list[float]:
-        """``split``'s accuracy (%) per epoch (KeyError-free: [] when the run does not score it)."""
+        """``split``'s accuracy (%) per epoch: "test", or "val" in a screening run ([] for a split
+        the run does not score)."""
         return [row[f"{split}_accuracy"] for row in self.history if f"{split}_accuracy" in row]
 
     @property

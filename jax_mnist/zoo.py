@@ -12,6 +12,7 @@ Layer names follow the PyTorch originals (``conv1`` for model 1,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -285,6 +286,13 @@ def init_variables(model: S7Net, key: jax.Array, batch: int = 1) -> dict:
     """``{'params', 'batch_stats'}`` for ``model`` from ``key`` (batch_stats empty for models 1-3)."""
     variables = model.init(key, jnp.zeros((batch, *INPUT_SHAPE), jnp.float32), train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+@functools.cache
+def parameter_count(name: str) -> int:
+    """Trainable parameters of the model ``name`` (traced, nothing computed; cached by name)."""
+    params = jax.eval_shape(lambda: init_variables(get_model(name), jax.random.key(0)))["params"]
+    return count_params(params)
 
 
 def count_params(params: Mapping) -> int:

@@ -10,6 +10,7 @@ from jax_mnist.models import (
     count_params,
     get_model,
     init_variables,
+    parameter_count,
     resolve_conv_impl,
     summarize,
 )
@@ -49,6 +50,7 @@ def test_our_models_are_under_their_budgets():
 def test_parameter_count(name):
     params = jax.eval_shape(lambda: init_variables(get_model(name), jax.random.key(0)))["params"]
     assert count_params(params) == EXPECTED_PARAMS[name]
+    assert parameter_count(name) == EXPECTED_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

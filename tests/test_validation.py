@@ -81,6 +81,19 @@ def test_a_validation_row_prints_its_validation_figures():
     assert "val loss 0.0500 acc 98.76%" in line and "test" not in line
 
 
+def test_a_candidate_is_named_by_the_registered_recipe_it_varies():
+    from jax_mnist.recipes import nearest_registered
+
+    assert nearest_registered(get_recipe("ours_8k_scale")) == ("ours_8k_scale", [])
+    scaled = with_overrides(get_recipe("ours_5k"), {"name": "c", "scale_min": 0.9, "scale_max": 1.1})
+    # ours_8k_scale differs in fewer fields (the model), but a recipe of the same model comes first.
+    assert nearest_registered(scaled) == ("ours_5k", ["scale_min=0.9", "scale_max=1.1"])
+    # No recipe of ours_5k_pad: among all, ours_5k and ours_8k differ in the model alone; the one
+    # of the nearest parameter count is named.
+    padded = with_overrides(get_recipe("ours_5k"), {"model": "ours_5k_pad", "validation": 100})
+    assert nearest_registered(padded) == ("ours_5k", ["model=ours_5k_pad", "validation=100"])
+
+
 # --------------------------------------------------------------------------- training with it
 
 

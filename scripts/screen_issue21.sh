@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The validation screening of issue 21 (docs/accuracy.md): each candidate on seed 11, trained on
+# 50,000 training examples and scored on the 10,000 held out (--validation 10000); the test set is
+# never scored. Resumable: run it again and each candidate continues where it stopped.
+# Usage: scripts/screen_issue21.sh [CANDIDATE ...]   (default: all, in order)
+# Data options come from $JAX_MNIST_FILES / $JAX_MNIST_DATA_DIR.
+set -euo pipefail
+out=${SCREENING_DIR:-results/screening-val}
+seed=11
+
+declare -A args=(
+  [s5k_base]="--recipe ours_5k"
+  [s5k_pad]="--recipe ours_5k --set model=ours_5k_pad"
+  [s5k_scale]="--recipe ours_5k --set scale_min=0.9 --set scale_max=1.1"
+  [s5k_light]="--recipe ours_5k --set degrees=7 --set translate=0.05"
+)
+order=(s5k_base s5k_pad s5k_scale s5k_light)
+
+for name in "${@:-${order[@]}}"; do
+  [[ -n "${args[$name]+x}" ]] || { echo "unknown candidate $name; known: ${order[*]}" >&2; exit 2; }
+  dir="$out/$name/seed-$seed"
+  resume=()
+  [[ -e "$dir/config.json" ]] && resume=(--resume)
+  # shellcheck disable=SC2086
+  jax-mnist train ${args[$name]} --set name="$name" --validation 10000 --seed "$seed" --out "$dir" "${resume[@]}"
+done
