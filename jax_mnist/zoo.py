@@ -251,6 +251,10 @@ def _ours(
 _MODELS["ours_8k"] = (_ours((8, 12, 14, 8, 12, 16, 16), dropout=0.05), "sequential")
 _MODELS["ours_5k"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05), "sequential")
 _MODELS["ours_5k_pad"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05, first_padding=1), "sequential")
+# The frontier's smaller budgets (issue 21): the same layout, narrower.
+_MODELS["ours_4k"] = (_ours((6, 8, 10, 8, 10, 10, 10), dropout=0.05), "sequential")
+_MODELS["ours_3k"] = (_ours((6, 8, 8, 8, 8, 8, 8), dropout=0.05), "sequential")
+_MODELS["ours_2k"] = (_ours((4, 6, 6, 6, 6, 8, 8), dropout=0.05), "sequential")
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 INPUT_SHAPE = (28, 28, 1)
 

@@ -13,8 +13,12 @@ declare -A args=(
   [s5k_pad]="--recipe ours_5k --set model=ours_5k_pad"
   [s5k_scale]="--recipe ours_5k --set scale_min=0.9 --set scale_max=1.1"
   [s5k_light]="--recipe ours_5k --set degrees=7 --set translate=0.05"
+  [ref_8k_scale]="--recipe ours_8k_scale"  # a recipe that holds on the test set, for calibration
+  [s4k]="--recipe ours_5k --set model=ours_4k"
+  [s3k]="--recipe ours_5k --set model=ours_3k"
+  [s2k]="--recipe ours_5k --set model=ours_2k"
 )
-order=(s5k_base s5k_pad s5k_scale s5k_light)
+order=(s5k_base s5k_pad s5k_scale s5k_light ref_8k_scale s4k s3k s2k)
 
 for name in "${@:-${order[@]}}"; do
   [[ -n "${args[$name]+x}" ]] || { echo "unknown candidate $name; known: ${order[*]}" >&2; exit 2; }

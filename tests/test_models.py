@@ -28,12 +28,18 @@ EXPECTED_PARAMS = {
     "ours_8k": 7_788,
     "ours_5k": 4_888,
     "ours_5k_pad": 4_888,  # ours_5k's widths, its first three convs padded (issue 21's screening)
+    "ours_4k": 4_030,  # the frontier's budgets (issue 21)
+    "ours_3k": 3_042,
+    "ours_2k": 2_112,
 }
 RECEPTIVE_FIELDS = {
     "model_1_setup": 40,
     "ours_8k": 32,
     "ours_5k": 32,
     "ours_5k_pad": 38,
+    "ours_4k": 32,
+    "ours_3k": 32,
+    "ours_2k": 32,
 }  # the others: 28 (spec)
 
 
