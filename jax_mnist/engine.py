@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from jax_mnist import augment as augment_lib
 from jax_mnist import hosts, schedules
 from jax_mnist.data import MEAN, STD
+from jax_mnist.distill import Teacher, distillation_loss, load_teacher
 from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
 from jax_mnist.streams import RunKeys, run_keys, shuffle_key, stacked_run_keys, step_keys
@@ -180,15 +181,21 @@ def train_step(
     *,
     label_smoothing: float = 0.0,
     split_batch: Callable = _no_constraint,
+    teacher: Teacher | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 4.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step of one seed -> (new state, the batch's summed metrics).
 
     ``split_batch(images, labels)`` may constrain the batch's placement (over devices) without
-    changing its meaning: BatchNorm statistics stay over the whole batch.
+    changing its meaning: BatchNorm statistics stay over the whole batch. With a ``teacher``
+    (``jax_mnist.distill``), the loss mixes in its softened predictions on the same batch; the
+    metrics stay those of the labels.
     """
     images_uint8, labels = split_batch(images_uint8, labels)
     augment_key, dropout_key = step_keys(step_stream, state.step)
     images = normalize(augment(augment_key, preprocess(images_uint8)))
+    teacher_logp = None if teacher is None else teacher.log_probabilities(images)
 
     def loss_fn(params):
         logp, updates = model.apply(
@@ -198,10 +205,11 @@ def train_step(
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return training_loss(logp, labels, label_smoothing), (
-            logp,
-            updates.get("batch_stats", state.batch_stats),
-        )
+        loss = training_loss(logp, labels, label_smoothing)
+        if teacher_logp is not None:
+            soft = distillation_loss(logp, teacher_logp, distill_temperature)
+            loss = (1.0 - distill_weight) * loss + distill_weight * soft
+        return loss, (logp, updates.get("batch_stats", state.batch_stats))
 
     (_, (logp, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -400,6 +408,7 @@ class Programs:
         self.model = make_model(recipe, platform)
         self.tx = make_optimizer(recipe, self.steps_per_epoch)
         self.augment = make_augment(recipe)
+        self.teacher = load_teacher(recipe, platform)  # None unless the recipe distils
         self.lr_schedule = schedules.for_recipe(recipe, self.steps_per_epoch)[0]
         self.mesh = Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None
         self.splits_seeds = self.mesh is not None and config.seeds % self.mesh.size == 0
@@ -420,6 +429,9 @@ class Programs:
             self.augment,
             label_smoothing=recipe.label_smoothing,
             split_batch=split,
+            teacher=self.teacher,
+            distill_weight=recipe.distill_weight,
+            distill_temperature=recipe.distill_temperature,
         )
         self._step = seeds_step(step, self.seed_strategy)
         seed, data = self.seed_sharding, self.data_sharding
@@ -521,7 +533,14 @@ class Engine:
         self.tx = make_optimizer(recipe, steps_per_epoch(num_train_examples, recipe.batch_size))
         self.augment = make_augment(recipe)
         step = functools.partial(
-            train_step, self.model, self.tx, self.augment, label_smoothing=recipe.label_smoothing
+            train_step,
+            self.model,
+            self.tx,
+            self.augment,
+            label_smoothing=recipe.label_smoothing,
+            teacher=load_teacher(recipe, devices[0].platform),
+            distill_weight=recipe.distill_weight,
+            distill_temperature=recipe.distill_temperature,
         )
         self.train_step = jax.jit(step)
         self._evaluate = jax.jit(functools.partial(eval_sums, self.model, batch_size=recipe.eval_batch_size))

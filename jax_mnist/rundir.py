@@ -89,6 +89,10 @@ def run_identity(
             f"{recipe.validation - 1}, of the training split in its order (the same for every seed)",
             "sha256": validation_digest(training_split, recipe.validation),
         }
+    if recipe.teacher:
+        from jax_mnist.distill import load_teacher
+
+        identity["teacher"] = load_teacher(recipe, "cpu").record  # which run, epoch and weights taught
     return identity
 
 
