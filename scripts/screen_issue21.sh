@@ -17,8 +17,12 @@ declare -A args=(
   [s4k]="--recipe ours_5k --set model=ours_4k"
   [s3k]="--recipe ours_5k --set model=ours_3k"
   [s2k]="--recipe ours_5k --set model=ours_2k"
+  # Distilled from ref_8k_scale (which held out the same 10,000 examples; its checkpoints must be
+  # on disk: run ref_8k_scale first)
+  [s5k_kd]="--recipe ours_5k --set teacher=$out/ref_8k_scale/seed-$seed --set distill_weight=0.5"
+  [s5k_kd9]="--recipe ours_5k --set teacher=$out/ref_8k_scale/seed-$seed --set distill_weight=0.9"
 )
-order=(s5k_base s5k_pad s5k_scale s5k_light ref_8k_scale s4k s3k s2k)
+order=(s5k_base s5k_pad s5k_scale s5k_light ref_8k_scale s4k s3k s2k s5k_kd s5k_kd9)
 
 for name in "${@:-${order[@]}}"; do
   [[ -n "${args[$name]+x}" ]] || { echo "unknown candidate $name; known: ${order[*]}" >&2; exit 2; }
