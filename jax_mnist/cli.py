@@ -305,11 +305,24 @@ def cmd_report(args) -> None:
     out = Path(args.out or args.study)
     if args.screening:
         from jax_mnist.files import write_atomically
-        from jax_mnist.report import render_screening
+        from jax_mnist.report import SCREENING_MARKERS, render_screening
 
-        if args.readme or args.check:
-            raise UserError("--screening writes screening.md only; --readme and --check are for the study")
         text = render_screening(args.study)
+        if args.check or args.readme:
+            if not args.readme:
+                raise UserError("--check compares a file with the report: name it with --readme")
+            readme = Path(args.readme)
+            document = _read_text(readme)
+            if args.check:
+                if pasted_section(document, str(readme), SCREENING_MARKERS) != text:
+                    raise UserError(
+                        f"{readme}: its screening table is not what jax-mnist report {args.study} "
+                        f"--screening makes now; regenerate it with --readme {readme}"
+                    )
+                print(f"{readme}: the screening table equals the report of {args.study}")
+                return
+            write_atomically(readme, paste_into(document, text, str(readme), SCREENING_MARKERS))
+            print(f"wrote {readme}")
         print(text, end="")
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -652,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--screening",
         action="store_true",
         help="the validation figures of screening runs (trained with --validation N) instead: "
-        "prints them and writes screening.md",
+        "prints them and writes screening.md (with --readme FILE, also pastes them between FILE's "
+        "screening table marker lines)",
     )
     p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
     p.add_argument(

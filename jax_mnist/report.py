@@ -59,6 +59,8 @@ FIGURES = ("curves.png", "frontier.png", "misclassified.png", "confusion.png")
 # The run whose test-set errors are drawn, when none is named: the project's best recipe.
 DEFAULT_EVALUATED_RUN = "final_onecycle/seed-1"
 MARKERS = ("<!-- jax-mnist report: start -->", "<!-- jax-mnist report: end -->")
+# Where `report --screening --readme FILE` pastes its table (docs/accuracy.md).
+SCREENING_MARKERS = ("<!-- screening table: start -->", "<!-- screening table: end -->")
 
 
 class ReportError(JaxMnistError, ValueError):
@@ -711,9 +713,9 @@ def write_figures(
 # --------------------------------------------------------------------------- README
 
 
-def paste_into(document: str, section: str, where: str = "README") -> str:
-    """``document`` with the text between the two ``MARKERS`` lines replaced by ``section``."""
-    start, end = MARKERS
+def paste_into(document: str, section: str, where: str = "README", markers=MARKERS) -> str:
+    """``document`` with the text between the two ``markers`` lines replaced by ``section``."""
+    start, end = markers
     if document.count(start) != 1 or document.count(end) != 1 or document.index(start) > document.index(end):
         raise ReportError(f"{where}: expected one line {start!r} and, after it, one line {end!r}")
     before, rest = document.split(start, 1)
@@ -721,9 +723,9 @@ def paste_into(document: str, section: str, where: str = "README") -> str:
     return f"{before}{start}\n{section}{end}{after}"
 
 
-def pasted_section(document: str, where: str = "README") -> str:
+def pasted_section(document: str, where: str = "README", markers=MARKERS) -> str:
     """The text between the markers (what ``paste_into`` put there)."""
-    start, end = MARKERS
+    start, end = markers
     if document.count(start) != 1 or document.count(end) != 1:
         raise ReportError(f"{where}: expected one line {start!r} and one line {end!r}")
     return document.split(start, 1)[1].split(end, 1)[0].removeprefix("\n")

@@ -216,6 +216,16 @@ def test_the_screening_table_reads_validation_figures(tmp_path, capsys):
     assert main(["report", str(root), "--screening"]) == 0
     assert (root / "screening.md").read_text() == markdown
     assert markdown in capsys.readouterr().out
+    # Pasted into a document between its marker lines, and checked against the runs.
+    doc = tmp_path / "accuracy.md"
+    start, end = report.SCREENING_MARKERS
+    doc.write_text(f"# Log\n\n{start}\nold\n{end}\n\nAfter.\n")
+    assert main(["report", str(root), "--screening", "--readme", str(doc)]) == 0
+    assert doc.read_text() == f"# Log\n\n{start}\n{markdown}{end}\n\nAfter.\n"
+    assert main(["report", str(root), "--screening", "--readme", str(doc), "--check"]) == 0
+    doc.write_text(doc.read_text().replace("1/2", "2/2"))  # a figure typed in by hand
+    assert main(["report", str(root), "--screening", "--readme", str(doc), "--check"]) == 2
+    assert "is not what jax-mnist report" in capsys.readouterr().err
     write_fake_run(tmp_path / "study" / "final" / "seed-1", "final", 1, [99.0] * EPOCHS, 10.0)
     assert main(["report", str(tmp_path / "study"), "--screening"]) == 2
     assert "no run scored on a validation split" in capsys.readouterr().err
@@ -291,3 +301,17 @@ def test_the_report_draws_the_frontier_and_links_it(tmp_path):
     markdown = report.render_markdown(root, root, root)
     assert "![accuracy per parameter](./frontier.png)" in markdown
     assert "`ours_5k` (4,888 parameters)" in markdown
+
+
+@pytest.mark.slow  # reads every committed screening run
+def test_the_committed_screening_table_is_the_report_of_the_runs(monkeypatch):
+    """docs/accuracy.md's screening table and results/screening-val/screening.md are what
+    `jax-mnist report results/screening-val --screening` makes of the committed runs now."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # as the command is run: from the repository
+    made = report.render_screening("results/screening-val")
+    assert Path("results/screening-val/screening.md").read_text() == made
+    docs = Path("docs/accuracy.md").read_text()
+    start, end = "<!-- screening table: start -->\n", "<!-- screening table: end -->"
+    assert docs.split(start, 1)[1].split(end, 1)[0] == made
