@@ -219,10 +219,20 @@ def _seeds_cell(result: RecipeResult) -> str:
     return cell
 
 
+def _last_epoch_cell(last: Sequence[float]) -> str:
+    """Last-epoch accuracies over seeds: "mean ± std (min)", or the one value (no spread from one)."""
+    if len(last) == 1:
+        return f"{last[0]:.2f} (one seed)"
+    return f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})"
+
+
+def _devices(runs: Sequence[SeedRun]) -> str:
+    return "/".join(sorted({str(r.config.get("device", {}).get("kind", "?")) for r in runs}))
+
+
 def _time_cell(result: RecipeResult) -> str:
     times = seconds_per_seed_epoch(result.finished)
-    devices = sorted({str(r.config.get("device", {}).get("kind", "?")) for r in result.finished})
-    return f"{statistics.median(times):.0f} s, {'/'.join(devices)}"
+    return f"{statistics.median(times):.0f} s, {_devices(result.finished)}"
 
 
 def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[str]]:
@@ -244,9 +254,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
             + [
                 _epochs_cell(res),
                 _seeds_cell(res),
-                f"{last[0]:.2f} (one seed)"
-                if len(last) == 1
-                else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+                _last_epoch_cell(last),
                 _mean_and_range([max(res.accuracies(r)) for r in res.finished]),
                 ", ".join(f"{m:.2f}" for m in minima),
                 f"{res.held}/{len(res.finished)}",
@@ -397,17 +405,14 @@ def screening_rows(results: Sequence[RecipeResult], summaries: dict) -> list[lis
             continue
         last, minima = res.last, res.window_minima
         seconds = sum(seconds_per_seed_epoch(res.finished)) / len(res.finished)
-        devices = sorted({str(r.config.get("device", {}).get("kind", "?")) for r in res.finished})
         rows.append(
             head
             + [
-                f"{last[0]:.2f} (one seed)"
-                if len(last) == 1
-                else f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})",
+                _last_epoch_cell(last),
                 ", ".join(f"{m:.2f}" for m in minima),
                 f"{res.held}/{len(res.finished)}",
                 f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
-                f"{seconds / 60:.1f}, {'/'.join(devices)}",
+                f"{seconds / 60:.1f}, {_devices(res.finished)}",
             ]
         )
     return rows
