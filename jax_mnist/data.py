@@ -70,8 +70,7 @@ def validation_indices(num_train: int, validation: int) -> np.ndarray:
     """
     if not 0 <= validation < num_train:
         raise DataError(
-            f"validation must hold out 0 to {num_train - 1:,} of the {num_train:,} training examples, "
-            f"found {validation:,}"
+            f"validation must hold out fewer than the {num_train:,} training examples, found {validation:,}"
         )
     return (np.arange(validation, dtype=np.int64) * num_train) // max(validation, 1)
 

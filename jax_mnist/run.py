@@ -251,11 +251,6 @@ def train_seeds(
     Returns each seed's metrics of every epoch. ``progress``: show the bar (default: on a terminal).
     """
     training_split = data.train_labels.shape[0]
-    if recipe.validation >= training_split:
-        raise RunError(
-            f"validation must hold out fewer than the {training_split:,} training examples, "
-            f"found {recipe.validation:,}"
-        )
     (train_images, train_labels), held_out = split_validation(
         data.train_images, data.train_labels, recipe.validation
     )
