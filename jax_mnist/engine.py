@@ -218,6 +218,28 @@ def train_step(
     return new_state, batch_metrics(logp, labels)
 
 
+def recipe_train_step(
+    recipe: Recipe,
+    model: S7Net,
+    tx: optax.GradientTransformation,
+    augment: Augment,
+    teacher: Teacher | None,
+    split_batch: Callable = _no_constraint,
+) -> Callable:
+    """``train_step`` with the recipe's loss settings bound: (state, images, labels, stream) -> ..."""
+    return functools.partial(
+        train_step,
+        model,
+        tx,
+        augment,
+        label_smoothing=recipe.label_smoothing,
+        split_batch=split_batch,
+        teacher=teacher,
+        distill_weight=recipe.distill_weight,
+        distill_temperature=recipe.distill_temperature,
+    )
+
+
 def eval_sums(
     model: S7Net,
     params,
@@ -422,17 +444,7 @@ class Programs:
                 self.mesh, PartitionSpec("devices") if self.splits_seeds else PartitionSpec()
             )
         split = _no_constraint if self.splits_seeds else self._split_batch
-        step = functools.partial(
-            train_step,
-            self.model,
-            self.tx,
-            self.augment,
-            label_smoothing=recipe.label_smoothing,
-            split_batch=split,
-            teacher=self.teacher,
-            distill_weight=recipe.distill_weight,
-            distill_temperature=recipe.distill_temperature,
-        )
+        step = recipe_train_step(recipe, self.model, self.tx, self.augment, self.teacher, split)
         self._step = seeds_step(step, self.seed_strategy)
         seed, data = self.seed_sharding, self.data_sharding
         jit = functools.partial(jax.jit, compiler_options=compiler_options(_local(devices)))
@@ -532,16 +544,8 @@ class Engine:
         self.model = make_model(recipe, devices[0].platform)
         self.tx = make_optimizer(recipe, steps_per_epoch(num_train_examples, recipe.batch_size))
         self.augment = make_augment(recipe)
-        step = functools.partial(
-            train_step,
-            self.model,
-            self.tx,
-            self.augment,
-            label_smoothing=recipe.label_smoothing,
-            teacher=load_teacher(recipe, devices[0].platform),
-            distill_weight=recipe.distill_weight,
-            distill_temperature=recipe.distill_temperature,
-        )
+        teacher = load_teacher(recipe, devices[0].platform)
+        step = recipe_train_step(recipe, self.model, self.tx, self.augment, teacher)
         self.train_step = jax.jit(step)
         self._evaluate = jax.jit(functools.partial(eval_sums, self.model, batch_size=recipe.eval_batch_size))
 

@@ -513,6 +513,17 @@ def _extra_colour(i: int):
     return colormaps["tab20b"](i % 20)
 
 
+def _plot_band(axes, epochs, values: np.ndarray, colour, label: str, style: str = "-") -> None:
+    """The seeds' mean per epoch as a line, their min to max as a band around it."""
+    axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
+    axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
+
+
+def _finish_accuracy_axes(axes, shown: list[np.ndarray], title: str, ylabel: str) -> None:
+    axes.axhline(TARGET, color="black", ls="--", lw=1)
+    axes.set(title=title, xlabel="epoch", ylabel=ylabel, ylim=accuracy_limits(shown, TARGET))
+
+
 def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     figure = _figure(13, 5.2)
     test_axes, final_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
@@ -522,17 +533,9 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
     for res in (r for r in results if r.finished):
         epochs, values = _per_epoch(res.finished, "test_accuracy")
         shown.append(values)
-        colour = colour_of[res.name]
-        test_axes.plot(
-            epochs, values.mean(0), color=colour, lw=1.6, label=f"{res.name} ({len(values)} seeds)"
-        )
-        test_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
-    test_axes.axhline(TARGET, color="black", ls="--", lw=1)
-    test_axes.set(
-        title="Test accuracy per epoch: seed mean, band from min to max",
-        xlabel="epoch",
-        ylabel="test accuracy (%)",
-        ylim=accuracy_limits(shown, TARGET),
+        _plot_band(test_axes, epochs, values, colour_of[res.name], f"{res.name} ({len(values)} seeds)")
+    _finish_accuracy_axes(
+        test_axes, shown, "Test accuracy per epoch: seed mean, band from min to max", "test accuracy (%)"
     )
     test_axes.legend(fontsize=7, loc="lower right", ncol=2)
     test_axes.grid(alpha=0.3)
@@ -542,15 +545,9 @@ def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
             epochs, values = _per_epoch(res.finished, key)
             shown.append(values)
             label = f"{res.name} {key.split('_')[0]}"
-            colour = colour_of[res.name]
-            final_axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
-            final_axes.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
-    final_axes.axhline(TARGET, color="black", ls="--", lw=1)
-    final_axes.set(
-        title="Final recipes: train (dotted; running, dropout on) vs test",
-        xlabel="epoch",
-        ylabel="accuracy (%)",
-        ylim=accuracy_limits(shown, TARGET),
+            _plot_band(final_axes, epochs, values, colour_of[res.name], label, style)
+    _finish_accuracy_axes(
+        final_axes, shown, "Final recipes: train (dotted; running, dropout on) vs test", "accuracy (%)"
     )
     if final_axes.lines[1:]:
         final_axes.legend(fontsize=8, loc="lower right")
