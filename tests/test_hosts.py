@@ -63,8 +63,9 @@ GLOO_MESSAGE = re.compile(
 
 
 def own_lines(output: str) -> list[str]:
-    """The lines of a process's stdout that are not Gloo's."""
-    return [line for line in GLOO_MESSAGE.sub("", output).splitlines() if line.strip()]
+    """The lines of a process's stdout that are not Gloo's (its other "[Gloo] ..." lines too)."""
+    lines = GLOO_MESSAGE.sub("", output).splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("[Gloo]")]
 
 
 def rows(run_dir) -> list[dict]:
