@@ -464,23 +464,13 @@ class CheckpointStore:
 
 def train_state_like(config: dict):
     """The train state's shapes and dtypes for a run config (its network and optimizer)."""
-    from jax_mnist.engine import TrainState, make_optimizer, steps_per_epoch
-    from jax_mnist.zoo import get_model, init_variables
+    from jax_mnist.engine import init_state, make_optimizer, steps_per_epoch
+    from jax_mnist.zoo import get_model
 
     recipe = Recipe(**config["recipe"])
     tx = make_optimizer(recipe, steps_per_epoch(int(config["train_examples"]), recipe.batch_size))
     model = get_model(recipe.model)
-
-    def init(key):
-        variables = init_variables(model, key)
-        return TrainState(
-            step=jax.numpy.zeros((), jax.numpy.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=tx.init(variables["params"]),
-        )
-
-    return jax.eval_shape(init, jax.random.key(0))
+    return jax.eval_shape(lambda key: init_state(model, tx, key, ema=recipe.ema > 0), jax.random.key(0))
 
 
 def mismatch(where: Path, item: str, differences: list[str], wrote: dict) -> TreeMismatch:
@@ -499,19 +489,32 @@ def mismatch(where: Path, item: str, differences: list[str], wrote: dict) -> Tre
 
 
 def split_state(state) -> dict[str, Any]:
-    """A train state as the items of a checkpoint: ``weights`` and ``rest``."""
+    """A train state as the items of a checkpoint: ``weights`` and ``rest``.
+
+    ``weights`` are what the run is scored and used with: a state that keeps a moving average
+    (recipe field ``ema``) stores the average there, and the weights it trains in ``rest``
+    (``trained``), so every reader of a run's weights (evaluate, predict, export) gets the average."""
+    trained = {"params": state.params, "batch_stats": state.batch_stats}
+    if getattr(state, "ema", None) is None:
+        return {"weights": trained, "rest": {"step": state.step, "opt_state": state.opt_state}}
     return {
-        "weights": {"params": state.params, "batch_stats": state.batch_stats},
-        "rest": {"step": state.step, "opt_state": state.opt_state},
+        "weights": {"params": state.ema["params"], "batch_stats": state.ema["batch_stats"]},
+        "rest": {"step": state.step, "opt_state": state.opt_state, "trained": trained},
     }
 
 
 def join_state(like, weights: dict, rest: dict):
+    """The train state of ``split_state``'s items, in the structure of ``like``."""
+    if getattr(like, "ema", None) is None:
+        trained, ema = weights, None
+    else:
+        trained, ema = rest["trained"], {"params": weights["params"], "batch_stats": weights["batch_stats"]}
     return like.replace(
         step=rest["step"],
-        params=weights["params"],
-        batch_stats=weights["batch_stats"],
+        params=trained["params"],
+        batch_stats=trained["batch_stats"],
         opt_state=rest["opt_state"],
+        ema=ema,
     )
 
 

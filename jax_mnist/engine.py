@@ -51,6 +51,16 @@ class TrainState(struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
+    # {"params", "batch_stats"} averaged over the steps (a recipe with ``ema`` > 0); None, an empty
+    # subtree, otherwise: a state without an average has exactly the leaves it had before.
+    ema: Any = None
+
+
+def inference_weights(state: TrainState) -> tuple[Any, Any]:
+    """(params, batch_stats) that ``state`` is scored and used with: the average when it keeps one."""
+    if state.ema is None:
+        return state.params, state.batch_stats
+    return state.ema["params"], state.ema["batch_stats"]
 
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -160,14 +170,23 @@ def _no_constraint(*arrays):
     return arrays
 
 
-def init_state(model: S7Net, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def init_state(
+    model: S7Net, tx: optax.GradientTransformation, key: jax.Array, ema: bool = False
+) -> TrainState:
+    """A new state; with ``ema`` its average starts at the initial weights."""
     variables = init_variables(model, key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
+        ema=dict(variables) if ema else None,
     )
+
+
+def update_average(average: dict, weights: dict, decay: float) -> dict:
+    """One step of the moving average: ``decay * average + (1 - decay) * weights``, leaf by leaf."""
+    return optax.incremental_update(weights, average, step_size=1.0 - decay)
 
 
 def train_step(
@@ -184,17 +203,28 @@ def train_step(
     teacher: Teacher | None = None,
     distill_weight: float = 0.5,
     distill_temperature: float = 4.0,
+    ema_decay: float = 0.0,
+    augment_steps: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step of one seed -> (new state, the batch's summed metrics).
 
     ``split_batch(images, labels)`` may constrain the batch's placement (over devices) without
     changing its meaning: BatchNorm statistics stay over the whole batch. With a ``teacher``
     (``jax_mnist.distill``), the loss mixes in its softened predictions on the same batch; the
-    metrics stay those of the labels.
+    metrics stay those of the labels. A state that keeps an average (``state.ema``) moves it
+    towards the new weights by ``ema_decay``. ``augment_steps``: augment only steps before it
+    (None: every step).
     """
     images_uint8, labels = split_batch(images_uint8, labels)
     augment_key, dropout_key = step_keys(step_stream, state.step)
-    images = normalize(augment(augment_key, preprocess(images_uint8)))
+    images = preprocess(images_uint8)
+    if augment_steps is None:
+        images = augment(augment_key, images)
+    else:
+        images = jax.lax.cond(
+            state.step < augment_steps, lambda x: augment(augment_key, x), lambda x: x, images
+        )
+    images = normalize(images)
     teacher_logp = None if teacher is None else teacher.log_probabilities(images)
 
     def loss_fn(params):
@@ -214,7 +244,12 @@ def train_step(
     (_, (logp, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    ema = state.ema
+    if ema is not None:
+        ema = update_average(ema, {"params": params, "batch_stats": batch_stats}, ema_decay)
+    new_state = TrainState(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+    )
     return new_state, batch_metrics(logp, labels)
 
 
@@ -225,8 +260,11 @@ def recipe_train_step(
     augment: Augment,
     teacher: Teacher | None,
     split_batch: Callable = _no_constraint,
+    *,
+    steps_per_epoch: int,
 ) -> Callable:
     """``train_step`` with the recipe's loss settings bound: (state, images, labels, stream) -> ..."""
+    augmented_epochs = recipe.epochs - recipe.augment_off_epochs
     return functools.partial(
         train_step,
         model,
@@ -237,6 +275,8 @@ def recipe_train_step(
         teacher=teacher,
         distill_weight=recipe.distill_weight,
         distill_temperature=recipe.distill_temperature,
+        ema_decay=recipe.ema,
+        augment_steps=augmented_epochs * steps_per_epoch if recipe.augment_off_epochs else None,
     )
 
 
@@ -444,7 +484,15 @@ class Programs:
                 self.mesh, PartitionSpec("devices") if self.splits_seeds else PartitionSpec()
             )
         split = _no_constraint if self.splits_seeds else self._split_batch
-        step = recipe_train_step(recipe, self.model, self.tx, self.augment, self.teacher, split)
+        step = recipe_train_step(
+            recipe,
+            self.model,
+            self.tx,
+            self.augment,
+            self.teacher,
+            split,
+            steps_per_epoch=self.steps_per_epoch,
+        )
         self._step = seeds_step(step, self.seed_strategy)
         seed, data = self.seed_sharding, self.data_sharding
         jit = functools.partial(jax.jit, compiler_options=compiler_options(_local(devices)))
@@ -488,7 +536,7 @@ class Programs:
 
     def init_state(self, key: jax.Array) -> TrainState:
         """A new state of one seed (no seed axis), from its init key."""
-        return init_state(self.model, self.tx, key)
+        return init_state(self.model, self.tx, key, ema=self.config.recipe.ema > 0)
 
     def init_seeds(self, seeds: Sequence[int]) -> tuple[TrainState, RunKeys]:
         """Initial states and run keys of ``seeds``, stacked on a leading seed axis and placed.
@@ -542,10 +590,13 @@ class Engine:
     def __init__(self, recipe: Recipe, num_train_examples: int, devices):
         self.recipe, self.num_train_examples, self.devices = recipe, num_train_examples, devices
         self.model = make_model(recipe, devices[0].platform)
-        self.tx = make_optimizer(recipe, steps_per_epoch(num_train_examples, recipe.batch_size))
+        per_epoch = steps_per_epoch(num_train_examples, recipe.batch_size)
+        self.tx = make_optimizer(recipe, per_epoch)
         self.augment = make_augment(recipe)
         teacher = load_teacher(recipe, devices[0].platform)
-        step = recipe_train_step(recipe, self.model, self.tx, self.augment, teacher)
+        step = recipe_train_step(
+            recipe, self.model, self.tx, self.augment, teacher, steps_per_epoch=per_epoch
+        )
         self.train_step = jax.jit(step)
         self._evaluate = jax.jit(functools.partial(eval_sums, self.model, batch_size=recipe.eval_batch_size))
 
@@ -560,7 +611,7 @@ class Engine:
         return cls(recipe, num_train_examples, tuple(jax.devices() if devices is None else devices))
 
     def init(self, key: jax.Array) -> TrainState:
-        return init_state(self.model, self.tx, key)
+        return init_state(self.model, self.tx, key, ema=self.recipe.ema > 0)
 
     def evaluate(self, state: TrainState, images_uint8, labels) -> dict[str, float]:
-        return means(jax.device_get(self._evaluate(state.params, state.batch_stats, images_uint8, labels)))
+        return means(jax.device_get(self._evaluate(*inference_weights(state), images_uint8, labels)))

@@ -49,6 +49,9 @@ class Recipe:
     translate: float = 0.0  # affine: fraction of the image size
     scale_min: float = 1.0  # affine
     scale_max: float = 1.0
+    # The last N epochs train on the images as they are (issue 35: a small net underfits the
+    # augmented images; 0 = augment every epoch).
+    augment_off_epochs: int = 0
     dropout_rate: float | None = None  # None: the model's own rates
     # Training loss against (1 - e) * one-hot + e / 10, as PyTorch's CrossEntropyLoss(label_smoothing=e);
     # the reported losses stay the plain NLL.
@@ -56,6 +59,11 @@ class Recipe:
     # Knowledge distillation (jax_mnist.distill): a finished run directory of this project as the
     # teacher ("" = none); the loss is (1 - distill_weight) * cross-entropy + distill_weight *
     # T^2 * KL(teacher_T || student_T), T = distill_temperature.
+    # An exponential moving average of the weights, updated inside the compiled step after every
+    # optimizer step: avg = ema * avg + (1 - ema) * weights, over the parameters and BatchNorm's
+    # running statistics alike. Evaluation, the checkpoints' weights, evaluate, predict and export
+    # use the average. 0 = off (the state holds no average).
+    ema: float = 0.0
     teacher: str = ""
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
@@ -106,6 +114,8 @@ _RANGES = {
     "scale_max": (0, _INF, False, False),
     "dropout_rate": (0, 1, True, False),  # or None: the model's own rates
     "label_smoothing": (0, 1, True, False),
+    "augment_off_epochs": (0, _INF, True, False),
+    "ema": (0, 1, True, False),
     "distill_weight": (0, 1, True, True),
     "distill_temperature": (0, _INF, False, False),
 }
@@ -150,6 +160,8 @@ def _problem(recipe: Recipe) -> str | None:
         return f"model must be one of {', '.join(MODEL_NAMES)}, found {recipe.model!r}"
     if recipe.base_momentum > recipe.max_momentum:
         return f"base_momentum must be <= max_momentum ({recipe.max_momentum}), found {recipe.base_momentum}"
+    if recipe.augment_off_epochs > recipe.epochs:
+        return f"augment_off_epochs must be <= epochs ({recipe.epochs}), found {recipe.augment_off_epochs}"
     if recipe.scale_min > recipe.scale_max:
         return f"scale_min must be <= scale_max ({recipe.scale_max}), found {recipe.scale_min}"
     return None

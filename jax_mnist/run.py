@@ -30,7 +30,15 @@ import tqdm
 
 from jax_mnist import hosts
 from jax_mnist.data import Mnist, split_validation
-from jax_mnist.engine import ProgramConfig, Programs, means, programs_for, seed_slice, steps_per_epoch
+from jax_mnist.engine import (
+    ProgramConfig,
+    Programs,
+    inference_weights,
+    means,
+    programs_for,
+    seed_slice,
+    steps_per_epoch,
+)
 from jax_mnist.recipes import Recipe
 from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity, scored_split
 from jax_mnist.streams import RunKeys
@@ -191,7 +199,7 @@ def train_epoch(
 
 def evaluate_seeds(programs: Programs, states, test_set) -> list[dict[str, float]]:
     """Mean loss, accuracy (%) and count of each seed of stacked ``states`` on ``(images, labels)``."""
-    sums = hosts.to_host(programs.evaluate(states.params, states.batch_stats, *test_set))
+    sums = hosts.to_host(programs.evaluate(*inference_weights(states), *test_set))
     return [means(seed_slice(sums, k)) for k in range(len(sums["count"]))]
 
 

@@ -29,11 +29,12 @@ class Summary:
     multiply_adds: int  # of the convolutions, per image: what an epoch's time roughly scales with
 
     def format(self) -> str:
-        header = f"{'layer':<12} {'kind':<30} {'output (N,H,W,C)':<20} {'params':>10} {'RF':>4}"
+        width = max(12, *(len(r.name) for r in self.rows))  # the longest layer name sets the column
+        header = f"{'layer':<{width}} {'kind':<30} {'output (N,H,W,C)':<20} {'params':>10} {'RF':>4}"
         lines = [f"{self.model}", header, "-" * len(header)]
         for r in self.rows:
             shape = "(" + ", ".join(["N", *map(str, r.output_shape[1:])]) + ")"
-            lines.append(f"{r.name:<12} {r.kind:<30} {shape:<20} {r.params:>10,} {r.receptive_field:>4}")
+            lines.append(f"{r.name:<{width}} {r.kind:<30} {shape:<20} {r.params:>10,} {r.receptive_field:>4}")
         lines.append("-" * len(header))
         lines.append(f"trainable params: {self.total_params:,}")
         lines.append(f"BatchNorm running statistics (not trained): {self.running_stats:,}")

@@ -255,6 +255,27 @@ _MODELS["ours_5k_pad"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05, first_
 _MODELS["ours_4k"] = (_ours((6, 8, 10, 8, 10, 10, 10), dropout=0.05), "sequential")
 _MODELS["ours_3k"] = (_ours((6, 8, 8, 8, 8, 8, 8), dropout=0.05), "sequential")
 _MODELS["ours_2k"] = (_ours((4, 6, 6, 6, 6, 8, 8), dropout=0.05), "sequential")
+
+
+def _pyramid(widths: tuple[int, int, int], convs: int, dropout: float) -> tuple[LayerSpec, ...]:
+    """Other layouts at the small budgets (issue 35): three stages of ``convs`` padded 3x3 convs
+    (28x28, max pool, 14x14, max pool, 7x7), conv -> BN -> ReLU without biases, dropout after the
+    first two stages, GAP and a 1x1 head. With ``convs=3`` and widths 4-8-8 this is the shape of
+    the public 3,762-parameter reference (adilsammar/woolly-of-cv), less its convolutions' biases,
+    which the BatchNorm after each makes redundant."""
+    block = lambda stage, i, f: ConvSpec(f"stage{stage}_conv{i}", f, 3, padding=1, batchnorm=True)
+    layers: list[LayerSpec] = []
+    for stage, width in enumerate(widths, start=1):
+        layers += [block(stage, i, width) for i in range(1, convs + 1)]
+        if stage < len(widths):
+            layers += [DropoutSpec(f"stage{stage}_dropout", dropout), PoolSpec(f"pool{stage}")]
+    return (*layers, GapSpec(), ConvSpec("head", 10, 1, relu=False))
+
+
+_MODELS["pyramid_5k"] = (_pyramid((4, 9, 10), convs=3, dropout=0.01), "sequential")
+_MODELS["pyramid_3762"] = (_pyramid((4, 8, 8), convs=3, dropout=0.01), "sequential")  # the reference's
+_MODELS["pyramid_3k"] = (_pyramid((4, 6, 8), convs=3, dropout=0.01), "sequential")
+_MODELS["pyramid2_5k"] = (_pyramid((6, 11, 12), convs=2, dropout=0.01), "sequential")
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 INPUT_SHAPE = (28, 28, 1)
 

@@ -31,6 +31,11 @@ EXPECTED_PARAMS = {
     "ours_4k": 4_030,  # the frontier's budgets (issue 21)
     "ours_3k": 3_042,
     "ours_2k": 2_112,
+    # Other layouts at the small budgets (issue 35): three padded stages, GAP, 1x1 head.
+    "pyramid_5k": 4_954,
+    "pyramid_3762": 3_692,  # the public 3,762-parameter reference's shape, less its redundant biases
+    "pyramid_3k": 2_960,
+    "pyramid2_5k": 4_781,
 }
 RECEPTIVE_FIELDS = {
     "model_1_setup": 40,
@@ -40,6 +45,10 @@ RECEPTIVE_FIELDS = {
     "ours_4k": 32,
     "ours_3k": 32,
     "ours_2k": 32,
+    "pyramid_5k": 70,
+    "pyramid_3762": 70,
+    "pyramid_3k": 70,
+    "pyramid2_5k": 56,
 }  # the others: 28 (spec)
 
 
@@ -50,6 +59,8 @@ def test_model_names_in_study_order():
 def test_our_models_are_under_their_budgets():
     assert EXPECTED_PARAMS["ours_8k"] < 8_000
     assert EXPECTED_PARAMS["ours_5k"] < 5_000 and EXPECTED_PARAMS["ours_5k_pad"] < 5_000
+    assert EXPECTED_PARAMS["pyramid_5k"] < 5_000 and EXPECTED_PARAMS["pyramid2_5k"] < 5_000
+    assert EXPECTED_PARAMS["pyramid_3762"] <= 3_762 and EXPECTED_PARAMS["pyramid_3k"] <= 3_000
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
