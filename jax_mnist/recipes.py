@@ -282,6 +282,17 @@ def _parse(field: dataclasses.Field, text: str):
         ) from None
 
 
+def parse_value(field: str, text: str):
+    """``text`` as a value of the recipe field ``field`` (its type only: ranges and the relations
+    between fields are checked when a recipe is built)."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    if field not in fields:
+        raise ConfigError(
+            f"unknown recipe field {field!r}; valid: {', '.join(f for f in fields if f != 'name')}"
+        )
+    return _parse(fields[field], text)
+
+
 def with_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
     """``recipe`` with fields replaced; string values are parsed to the field's type."""
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
