@@ -343,7 +343,7 @@ def cmd_report(args) -> None:
     out = Path(args.out or args.study)
     if args.screening:
         from jax_mnist.files import write_atomically
-        from jax_mnist.report import SCREENING_MARKERS, render_screening
+        from jax_mnist.report import render_screening, screening_markers
 
         text = render_screening(args.study)
         if args.check or args.readme:
@@ -351,15 +351,16 @@ def cmd_report(args) -> None:
                 raise UserError("--check compares a file with the report: name it with --readme")
             readme = Path(args.readme)
             document = _read_text(readme)
+            markers = screening_markers(document, args.study)
             if args.check:
-                if pasted_section(document, str(readme), SCREENING_MARKERS) != text:
+                if pasted_section(document, str(readme), markers) != text:
                     raise UserError(
                         f"{readme}: its screening table is not what jax-mnist report {args.study} "
                         f"--screening makes now; regenerate it with --readme {readme}"
                     )
                 print(f"{readme}: the screening table equals the report of {args.study}")
                 return
-            write_atomically(readme, paste_into(document, text, str(readme), SCREENING_MARKERS))
+            write_atomically(readme, paste_into(document, text, str(readme), markers))
             print(f"wrote {readme}")
         print(text, end="")
         try:

@@ -63,6 +63,15 @@ MARKERS = ("<!-- jax-mnist report: start -->", "<!-- jax-mnist report: end -->")
 SCREENING_MARKERS = ("<!-- screening table: start -->", "<!-- screening table: end -->")
 
 
+def screening_markers(document: str, study_dir: str | os.PathLike) -> tuple[str, str]:
+    """Where the screening table of ``study_dir`` goes in ``document``: between the markers that
+    name it (``<!-- screening table of DIR: start -->`` ... ``end -->``), so that one document can
+    hold the tables of several directories; else between the plain ``SCREENING_MARKERS``."""
+    name = Path(study_dir).as_posix().rstrip("/")
+    named = (f"<!-- screening table of {name}: start -->", f"<!-- screening table of {name}: end -->")
+    return named if named[0] in document else SCREENING_MARKERS
+
+
 class ReportError(JaxMnistError, ValueError):
     pass
 

@@ -226,6 +226,20 @@ def test_the_screening_table_reads_validation_figures(tmp_path, capsys):
     doc.write_text(doc.read_text().replace("1/2", "2/2"))  # a figure typed in by hand
     assert main(["report", str(root), "--screening", "--readme", str(doc), "--check"]) == 2
     assert "is not what jax-mnist report" in capsys.readouterr().err
+    # A document with the tables of two directories: each between the markers that name it.
+    other = tmp_path / "other"
+    write_screening_run(other / "c5k_c" / "seed-11", "c5k_c", 11, [99.0, 99.1, 99.2, 99.3, 99.4], 20.0)
+    named = [
+        f"<!-- screening table of {d.as_posix()}: {w} -->" for d in (root, other) for w in ("start", "end")
+    ]
+    doc.write_text(f"{named[0]}\nold\n{named[1]}\nmiddle\n{named[2]}\nold\n{named[3]}\n")
+    for directory in (root, other):
+        assert main(["report", str(directory), "--screening", "--readme", str(doc)]) == 0
+    expected = (
+        f"{named[0]}\n{markdown}{named[1]}\nmiddle\n{named[2]}\n{report.render_screening(other)}{named[3]}\n"
+    )
+    assert doc.read_text() == expected
+    assert main(["report", str(other), "--screening", "--readme", str(doc), "--check"]) == 0
     write_fake_run(tmp_path / "study" / "final" / "seed-1", "final", 1, [99.0] * EPOCHS, 10.0)
     assert main(["report", str(tmp_path / "study"), "--screening"]) == 2
     assert "no run scored on a validation split" in capsys.readouterr().err
