@@ -255,6 +255,9 @@ _MODELS["ours_5k_pad"] = (_ours((8, 10, 10, 8, 10, 12, 10), dropout=0.05, first_
 _MODELS["ours_4k"] = (_ours((6, 8, 10, 8, 10, 10, 10), dropout=0.05), "sequential")
 _MODELS["ours_3k"] = (_ours((6, 8, 8, 8, 8, 8, 8), dropout=0.05), "sequential")
 _MODELS["ours_2k"] = (_ours((4, 6, 6, 6, 6, 8, 8), dropout=0.05), "sequential")
+# Issue 35's budgets below ours_5k: the public reference's 3,762 parameters, and 3,000.
+_MODELS["ours_3762"] = (_ours((6, 8, 10, 8, 9, 9, 10), dropout=0.05), "sequential")
+_MODELS["ours_3000"] = (_ours((6, 8, 8, 8, 8, 8, 7), dropout=0.05), "sequential")
 
 
 def _pyramid(widths: tuple[int, int, int], convs: int, dropout: float) -> tuple[LayerSpec, ...]:

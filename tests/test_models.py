@@ -31,6 +31,8 @@ EXPECTED_PARAMS = {
     "ours_4k": 4_030,  # the frontier's budgets (issue 21)
     "ours_3k": 3_042,
     "ours_2k": 2_112,
+    "ours_3762": 3_693,  # issue 35's budgets: the reference's 3,762, and 3,000
+    "ours_3000": 2_958,
     # Other layouts at the small budgets (issue 35): three padded stages, GAP, 1x1 head.
     "pyramid_5k": 4_954,
     "pyramid_3762": 3_692,  # the public 3,762-parameter reference's shape, less its redundant biases
@@ -45,6 +47,8 @@ RECEPTIVE_FIELDS = {
     "ours_4k": 32,
     "ours_3k": 32,
     "ours_2k": 32,
+    "ours_3762": 32,
+    "ours_3000": 32,
     "pyramid_5k": 70,
     "pyramid_3762": 70,
     "pyramid_3k": 70,
@@ -61,6 +65,7 @@ def test_our_models_are_under_their_budgets():
     assert EXPECTED_PARAMS["ours_5k"] < 5_000 and EXPECTED_PARAMS["ours_5k_pad"] < 5_000
     assert EXPECTED_PARAMS["pyramid_5k"] < 5_000 and EXPECTED_PARAMS["pyramid2_5k"] < 5_000
     assert EXPECTED_PARAMS["pyramid_3762"] <= 3_762 and EXPECTED_PARAMS["pyramid_3k"] <= 3_000
+    assert EXPECTED_PARAMS["ours_3762"] <= 3_762 and EXPECTED_PARAMS["ours_3000"] <= 3_000
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

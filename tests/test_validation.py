@@ -329,3 +329,13 @@ def test_the_committed_screening_table_is_the_report_of_the_runs(monkeypatch):
     docs = Path("docs/accuracy.md").read_text()
     start, end = "<!-- screening table: start -->\n", "<!-- screening table: end -->"
     assert docs.split(start, 1)[1].split(end, 1)[0] == made
+    # The tables of the searches (issue 35), each between the markers naming its directory.
+    import re
+
+    named = re.findall(r"<!-- screening table of (\S+): start -->", docs)
+    assert "results/search-issue35/5k-ema" in named
+    for directory in named:
+        made = report.render_screening(directory)
+        assert Path(directory, "screening.md").read_text() == made
+        section = report.pasted_section(docs, "docs/accuracy.md", report.screening_markers(docs, directory))
+        assert section == made, f"docs/accuracy.md: the table of {directory} is not its report now"
