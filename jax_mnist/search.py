@@ -40,6 +40,7 @@ DESCRIPTION = "search.json"
 STUDY_NAME = "search"
 SAMPLERS = ("grid", "tpe")
 HELD_EPOCHS = 3  # a trial's score: its lowest validation accuracy over this many last epochs
+PRUNE_FROM_EPOCH = 4  # --prune: Optuna's median rule, from this epoch on (epochs are its steps)
 MAX_COMBINATIONS = 100_000  # every combination is checked before the search starts
 # Fields a search may not vary: the name is the trial's own, the split is the search's.
 FIXED_FIELDS = ("name", "validation")
@@ -230,7 +231,7 @@ def open_study(search: Search, out: Path):
         study_name=STUDY_NAME,
         storage=storage,
         sampler=_sampler(search),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=HELD_EPOCHS)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=PRUNE_FROM_EPOCH)
         if search.prune
         else optuna.pruners.NopPruner(),
         direction="maximize",

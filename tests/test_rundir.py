@@ -210,6 +210,10 @@ LOCK_HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from jax_mnist.rundir import RunError, locked
+    if len(sys.argv) > 3:  # a start line: race only once every racer has imported (a loaded
+        print("ready", flush=True)  # machine can start processes seconds apart)
+        while not Path(sys.argv[3]).exists():
+            time.sleep(0.01)
     try:
         with locked(Path(sys.argv[1])):
             print("won", flush=True)
@@ -244,14 +248,17 @@ def test_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tmp_path):
 def test_two_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
     out = tmp_path / "race"
     out.mkdir()
-    for _ in range(3):
+    for attempt in range(3):
         (out / ".lock").write_text("999999999")  # a stale lock of a process long gone
+        go = tmp_path / f"go-{attempt}"
         racers = [
             subprocess.Popen(
-                [sys.executable, "-c", LOCK_HOLDER, str(out), "4"], stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", LOCK_HOLDER, str(out), "4", str(go)], stdout=subprocess.PIPE, text=True
             )
             for _ in range(4)
         ]
+        assert all(r.stdout.readline().strip() == "ready" for r in racers)
+        go.touch()
         results = [r.communicate(timeout=60)[0].strip() for r in racers]
         assert sum(r == "won" for r in results) == 1, results
         assert all(r == "won" or r.startswith("lost:") and "in use by process" in r for r in results)
