@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from jax_mnist.errors import ConfigError
 from jax_mnist.zoo import MODEL_NAMES, ORIGINAL_MODEL_NAMES
 
+# The version of Recipe's field set, recorded in every run's config.json (jax_mnist.provenance):
+# raise it when a field is added, removed, renamed or changes its meaning or default.
+RECIPE_SCHEMA_VERSION = 1
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -56,14 +60,14 @@ class Recipe:
     # Training loss against (1 - e) * one-hot + e / 10, as PyTorch's CrossEntropyLoss(label_smoothing=e);
     # the reported losses stay the plain NLL.
     label_smoothing: float = 0.0
-    # Knowledge distillation (jax_mnist.distill): a finished run directory of this project as the
-    # teacher ("" = none); the loss is (1 - distill_weight) * cross-entropy + distill_weight *
-    # T^2 * KL(teacher_T || student_T), T = distill_temperature.
     # An exponential moving average of the weights, updated inside the compiled step after every
     # optimizer step: avg = ema * avg + (1 - ema) * weights, over the parameters and BatchNorm's
     # running statistics alike. Evaluation, the checkpoints' weights, evaluate, predict and export
     # use the average. 0 = off (the state holds no average).
     ema: float = 0.0
+    # Knowledge distillation (jax_mnist.distill): a finished run directory of this project as the
+    # teacher ("" = none); the loss is (1 - distill_weight) * cross-entropy + distill_weight *
+    # T^2 * KL(teacher_T || student_T), T = distill_temperature.
     teacher: str = ""
     distill_weight: float = 0.5
     distill_temperature: float = 4.0

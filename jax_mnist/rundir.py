@@ -2,7 +2,8 @@
 
 Layout (one seed):
 - ``config.json``: the run's identity (resolved recipe, seed, training-set size) plus the
-  versions that wrote it (jax-mnist's among them) and the device;
+  versions that wrote it (jax-mnist's among them), the code (``jax_mnist.provenance``: git commit,
+  whether the package differed from it, the recipe schema version) and the device;
 - ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs, each with three items:
   ``weights`` (params, batch_stats), ``rest`` (step, optimizer state) and ``record`` (JSON: the
   history of every epoch up to this one, the sha256 of the two array items, the versions);
@@ -54,6 +55,7 @@ from jax_mnist.checkpoints import (
 )
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
+from jax_mnist.provenance import code_provenance
 from jax_mnist.recipes import Recipe
 
 MNIST_TRAIN_EXAMPLES = 60_000
@@ -493,7 +495,8 @@ class RunDir:
                 if previous is None:  # a new run (or one that stopped before its first checkpoint)
                     for leftover in ("metrics.jsonl", "digests.json"):  # they record no epoch
                         (out / leftover).unlink(missing_ok=True)
-                    config = {**identity, "versions": versions(), "device": device()}
+                    config = {**identity, "versions": versions(), "code": code_provenance()}
+                    config["device"] = device()
                     write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
                 else:
                     run._resume(previous, identity, like)
