@@ -373,22 +373,25 @@ def cmd_report(args) -> None:
         if not args.readme:
             raise UserError("--check compares a README with the report: name it with --readme")
         readme = Path(args.readme)
-        expected = render_markdown(args.study, out, readme.parent, args.run)
+        expected = render_markdown(args.study, out, readme.parent, args.run, args.confirmation)
         if pasted_section(_read_text(readme), str(readme)) != expected:
             raise UserError(
                 f"{readme}: its report section is not what jax-mnist report {args.study} makes now; "
                 f"regenerate it with: jax-mnist report {args.study} --readme {readme}"
+                + (f" --confirmation {args.confirmation}" if args.confirmation else "")
             )
         print(f"{readme}: the report section equals the report of {args.study}")
         return
     from jax_mnist.files import write_atomically
 
     written = write_figures(args.study, out, args.run)
-    report_md = write_atomically(out / "report.md", render_markdown(args.study, out, out, args.run))
+    report_md = write_atomically(
+        out / "report.md", render_markdown(args.study, out, out, args.run, args.confirmation)
+    )
     written.append(report_md)
     if args.readme:
         readme = Path(args.readme)
-        section = render_markdown(args.study, out, readme.parent, args.run)
+        section = render_markdown(args.study, out, readme.parent, args.run, args.confirmation)
         written.append(write_atomically(readme, paste_into(_read_text(readme), section, str(readme))))
     print("wrote " + ", ".join(str(p) for p in written))
 
@@ -770,6 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prints them and writes screening.md (with --readme FILE, also pastes them between FILE's "
         "screening table marker lines)",
     )
+    p.add_argument(
+        "--confirmation",
+        metavar="DIR",
+        help="a study directory of the same recipes on seeds never used for any choice (e.g. "
+        "results/confirm): their figures as a table of their own, beside how each recipe was chosen",
+    )
     p.add_argument("--readme", help="also paste the Markdown into this file, between its report marker lines")
     p.add_argument(
         "--check",
@@ -778,7 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
-    checkpoint_help = "which weights: best, last (default) or an epoch number"
+    checkpoint_help = (
+        "which weights: best (the epoch of best test accuracy; of best validation accuracy in a run "
+        "trained with --validation), last (default) or an epoch number"
+    )
     p = sub.add_parser(
         "evaluate", help="test loss, accuracy, per-class accuracy and every prediction of a run"
     )

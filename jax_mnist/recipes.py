@@ -230,6 +230,25 @@ for _model in ("ours_5k", "ours_3762", "ours_3000"):
     )
 RECIPE_NAMES = tuple(RECIPES)
 
+# How each registered recipe was chosen (docs/accuracy.md has every candidate), for the report:
+# a recipe chosen on the test accuracy of some seeds, or after seeds 1-5 of an earlier recipe
+# were seen, has only its confirmation seeds (never used for any choice) as a clean test.
+_ISSUE_12 = "screened on seed 11's test accuracy (issue 12)"
+SELECTION: dict[str, str] = {name: "the original's recipe" for name in ORIGINAL_MODEL_NAMES} | {
+    "final": "the original's final recipe, its rotation applied",
+    "final_onecycle": "peak lr chosen on seed 1's test accuracy (a reported seed)",
+    "final_translate": f"{_ISSUE_12}, after final_onecycle's seeds 1-5 were seen",
+    "ours_8k": _ISSUE_12,
+    "ours_5k": _ISSUE_12,
+    "ours_8k_scale": f"{_ISSUE_12}, after ours_8k's seeds 1-5 were seen",
+    "ours_4k": "ours_5k's recipe; others screened on the validation split (issue 21)",
+    "ours_3k": "ours_5k's recipe; others screened on the validation split (issue 21)",
+    "ours_2k": "ours_5k's recipe; others screened on the validation split (issue 21)",
+    "ours_5k_ema": "screened on the validation split (issue 35)",
+    "ours_3762_ema": "ours_5k_ema's recipe carried down, not screened (issue 35)",
+    "ours_3000_ema": "ours_5k_ema's recipe carried down, not screened (issue 35)",
+}
+
 
 def changes(recipe: Recipe) -> list[str]:
     """``field=value`` of each field where ``recipe`` differs from ``Recipe``'s defaults."""

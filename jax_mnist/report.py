@@ -23,9 +23,9 @@ import numpy as np
 
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
-from jax_mnist.recipes import RECIPE_NAMES, get_recipe
+from jax_mnist.recipes import RECIPE_NAMES, SELECTION, get_recipe
 from jax_mnist.rundir import MNIST_TRAIN_EXAMPLES, identity_differences, non_finite_fields
-from jax_mnist.study import SeedRun, read_study, seconds_per_seed_epoch
+from jax_mnist.study import SeedRun, read_study, seconds_per_seed_epoch, trainings
 
 TARGET = 99.4  # % test accuracy, the original's goal
 LAST = 3  # ... held in each of the last LAST epochs
@@ -244,6 +244,14 @@ def _time_cell(result: RecipeResult) -> str:
     return f"{statistics.median(times):.0f} s, {_devices(result.finished)}"
 
 
+def _trainings_cell(result: RecipeResult) -> str:
+    """Wall minutes of each training that made the finished seeds ("2-3: 64.9" = seeds 2 and 3
+    trained together in one program for 64.9 minutes), from the epochs' recorded times."""
+    return "; ".join(
+        f"{_seed_list(seeds)}: {seconds / 60:.1f}" for seeds, seconds in trainings(result.finished)
+    )
+
+
 def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[str]]:
     rows = []
     for res in results:
@@ -252,10 +260,10 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
         head = [f"`{res.name}`", f"`{res.model}`", f"{summary.total_params:,}", str(summary.receptive_field)]
         original_cell = "—" if original is None else f"{original:.2f}"
         if not res.runs:
-            rows.append(head + [str(res.planned_epochs), "not run"] + ["—"] * 6 + [original_cell])
+            rows.append(head + [str(res.planned_epochs), "not run"] + ["—"] * 7 + [original_cell])
             continue
         if not res.finished:
-            rows.append(head + [_epochs_cell(res), _seeds_cell(res)] + ["—"] * 6 + [original_cell])
+            rows.append(head + [_epochs_cell(res), _seeds_cell(res)] + ["—"] * 7 + [original_cell])
             continue
         last, minima = res.last, res.window_minima
         rows.append(
@@ -269,6 +277,7 @@ def table_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[st
                 f"{res.held}/{len(res.finished)}",
                 f"{statistics.mean(r.history[-1]['train_accuracy'] for r in res.finished):.2f}",
                 _time_cell(res),
+                _trainings_cell(res),
                 original_cell,
             ]
         )
@@ -288,6 +297,7 @@ TABLE_HEADER = [
     f"seeds ≥ {TARGET} in each of the last {LAST}",
     "train % at the last epoch (mean)",
     "seconds per epoch and seed (median), device",
+    "wall minutes of each training (seeds trained together: minutes)",
     "original README: best test %",
 ]
 
@@ -325,27 +335,147 @@ def walk_rows(results: Sequence[RecipeResult]) -> list[list[str]]:
     return rows
 
 
+def _code_of(run: SeedRun) -> str:
+    code = run.config.get("code")
+    if not isinstance(code, dict) or not code.get("commit"):
+        return "commit not recorded"
+    return f"commit {str(code['commit'])[:10]}" + (" (dirty)" if code.get("dirty") else "")
+
+
+def _versions_of(run: SeedRun) -> dict:
+    versions = run.config.get("versions")
+    return versions if isinstance(versions, dict) else {}
+
+
+def provenance_notes(results: Sequence[RecipeResult]) -> list[str]:
+    """One line for each recipe whose runs were made by different code (git commits, dirty trees)
+    or different versions of the libraries: which seeds each, from their config.json."""
+    notes = []
+    for res in results:
+        by_code: dict[str, list[int]] = {}
+        for run in res.runs:
+            by_code.setdefault(_code_of(run), []).append(run.seed)
+        if len(by_code) > 1:
+            notes.append(
+                f"- `{res.name}` was made by different code: "
+                + "; ".join(f"{code} (seeds {_seed_list(seeds)})" for code, seeds in sorted(by_code.items()))
+            )
+        versions = [_versions_of(run) for run in res.runs]
+        differing = sorted({k for v in versions for k in v if len({str(w.get(k)) for w in versions}) > 1})
+        if differing:
+            by_versions: dict[str, list[int]] = {}
+            for run, v in zip(res.runs, versions):
+                key = ", ".join(f"{k} {v.get(k, 'not recorded')}" for k in differing)
+                by_versions.setdefault(key, []).append(run.seed)
+            notes.append(
+                f"- `{res.name}` was made by different versions: "
+                + "; ".join(
+                    f"{key} (seeds {_seed_list(seeds)})" for key, seeds in sorted(by_versions.items())
+                )
+            )
+    return notes
+
+
+CONFIRMATION_HEADER = [
+    "recipe",
+    "params",
+    "how it was chosen",
+    f"study seeds: held ≥ {TARGET} in each of the last {LAST}",
+    "confirmation seeds",
+    "test % at the last epoch: mean ± std (min)",
+    f"per seed: min test % over the last {LAST} epochs",
+    f"seeds ≥ {TARGET} in each of the last {LAST}",
+]
+
+
+def confirmation_rows(
+    results: Sequence[RecipeResult], confirmed: Sequence[RecipeResult], summaries: dict
+) -> list[list[str]]:
+    """Per registered recipe: how it was chosen, what its study seeds held, and its figures on
+    the confirmation seeds (where it has any)."""
+    by_name = {r.name: r for r in confirmed}
+    rows = []
+    for res in results:
+        if res.name not in RECIPE_NAMES:
+            continue
+        study_cell = f"{res.held}/{len(res.finished)}" if res.finished else "not run"
+        head = [f"`{res.name}`", f"{summaries[res.model].total_params:,}", SELECTION[res.name], study_cell]
+        fresh = by_name.get(res.name)
+        if fresh is None or not fresh.runs:
+            rows.append(head + ["not run"] + ["—"] * 3)
+        elif not fresh.finished:
+            rows.append(head + [_seeds_cell(fresh)] + ["—"] * 3)
+        else:
+            rows.append(
+                head
+                + [
+                    _seeds_cell(fresh),
+                    _last_epoch_cell(fresh.last),
+                    ", ".join(f"{m:.2f}" for m in fresh.window_minima),
+                    f"{fresh.held}/{len(fresh.finished)}",
+                ]
+            )
+    return rows
+
+
+def confirmation_section(
+    results: Sequence[RecipeResult], confirmation_dir: str | os.PathLike | None, summaries: dict
+) -> tuple[list[str], list[RecipeResult]]:
+    """The Markdown of how each recipe was chosen and its confirmation seeds, and their results."""
+    confirmed = collect(read_study(confirmation_dir)) if confirmation_dir is not None else []
+    where = (
+        f"the runs in `{Path(confirmation_dir).as_posix()}` (seeds never used for any choice: trained once "
+        "the recipe was fixed, the same command as the study's, `--out` aside)"
+        if confirmation_dir is not None
+        else "no confirmation directory given (`--confirmation DIR`)"
+    )
+    lines = [
+        "How each recipe was chosen (`jax_mnist.recipes.SELECTION`; docs/accuracy.md has every candidate), "
+        "and its confirmation seeds: " + where + ". A recipe chosen on the test accuracy of some seeds, or "
+        "after the study seeds of an earlier recipe were seen, is tested cleanly only by its confirmation "
+        "seeds.",
+        "",
+        *_markdown_table(CONFIRMATION_HEADER, confirmation_rows(results, confirmed, summaries)),
+    ]
+    return lines, confirmed
+
+
 def render_markdown(
     study_dir: str | os.PathLike,
     figures_dir: str | os.PathLike,
     relative_to: str | os.PathLike,
     evaluated_run: str = DEFAULT_EVALUATED_RUN,
+    confirmation_dir: str | os.PathLike | None = None,
 ) -> str:
-    """The report as Markdown; figure links are relative to the directory ``relative_to``."""
+    """The report as Markdown; figure links are relative to the directory ``relative_to``.
+    ``confirmation_dir``: a study directory of the same recipes on seeds never used for any choice."""
     from jax_mnist.summary import summarize
 
     results = collect(read_study(study_dir))
     summaries = {res.model: summarize(res.model) for res in results}
+    confirmation, confirmed = confirmation_section(results, confirmation_dir, summaries)
+    provenance = provenance_notes(results + confirmed)
+    command = f"jax-mnist report {Path(study_dir).as_posix()}" + (
+        f" --confirmation {Path(confirmation_dir).as_posix()}" if confirmation_dir is not None else ""
+    )
     link = Path(os.path.relpath(Path(figures_dir), Path(relative_to))).as_posix()
     evaluated = _evaluated(study_dir, evaluated_run)
     lines = [
-        f"Made by `jax-mnist report {Path(study_dir).as_posix()}` from `config.json` and `metrics.jsonl` "
-        "of each "
+        f"Made by `{command}` from `config.json` and `metrics.jsonl` of each "
         "run directory (nothing typed in). Test accuracy is over the 10,000 test images after each epoch; "
         "figures are over the finished seeds only; the train accuracy is the running one of the last epoch "
         "(dropout on), as the original logged it. A recipe with no finished seed shows no figures.",
         "",
         *_markdown_table(TABLE_HEADER, table_rows(results, summaries)),
+        "",
+        *(
+            ["Runs of one recipe made by different code or library versions (from their config.json):", ""]
+            + provenance
+            + [""]
+            if provenance
+            else []
+        ),
+        *confirmation,
         "",
         "Each step of the original's walk (then this project's recipe), read against seed noise: the change "
         "of the mean last-epoch test accuracy, and twice the standard error of that difference.",
@@ -357,7 +487,7 @@ def render_markdown(
         "Accuracy per parameter: each recipe's trainable parameters against its last-epoch test accuracy "
         f"(mean, and the range over its seeds), with how many seeds hold ≥ {TARGET} % over the last {LAST} "
         "epochs; the line joins the recipes no other beats with fewer parameters. "
-        + smallest_holding(results, summaries),
+        + smallest_holding(results, summaries, confirmed if confirmation_dir is not None else None),
         "",
         f"![accuracy per parameter]({link}/frontier.png)",
         "",
@@ -455,9 +585,15 @@ def render_screening(study_dir: str | os.PathLike) -> str:
     )
 
 
-def smallest_holding(results: Sequence[RecipeResult], summaries: dict, seeds: int = 5) -> str:
+def smallest_holding(
+    results: Sequence[RecipeResult],
+    summaries: dict,
+    confirmed: Sequence[RecipeResult] | None = None,
+    seeds: int = 5,
+) -> str:
     """One sentence: the recipe with the fewest parameters that holds the target on all of at
-    least ``seeds`` finished seeds (the study's headline question), from the runs."""
+    least ``seeds`` finished seeds (the study's headline question), from the runs; with
+    ``confirmed`` (the confirmation seeds' results), what it held there."""
     holding = [r for r in results if len(r.finished) >= seeds and r.held == len(r.finished)]
     if not holding:
         return (
@@ -465,11 +601,21 @@ def smallest_holding(results: Sequence[RecipeResult], summaries: dict, seeds: in
             "finished seeds yet."
         )
     best = min(holding, key=lambda r: (summaries[r.model].total_params, r.name))
-    return (
+    sentence = (
         f"The smallest net that holds ≥ {TARGET} % test accuracy in each of its last {LAST} epochs on "
         f"every seed run ({len(best.finished)} of {len(best.finished)}, {seeds} or more): `{best.model}` "
         f"({summaries[best.model].total_params:,} parameters), recipe `{best.name}`, last epoch "
         f"{statistics.mean(best.last):.2f} ± {_std(best.last):.2f}."
+    )
+    if confirmed is None:
+        return sentence
+    fresh = next((r for r in confirmed if r.name == best.name and r.finished), None)
+    if fresh is None:
+        return sentence + " It has no finished confirmation seed yet."
+    return sentence + (
+        f" On its confirmation seeds ({_seed_list([r.seed for r in fresh.finished])}, never used for any "
+        f"choice) it holds on {fresh.held}/{len(fresh.finished)}, last epoch "
+        f"{statistics.mean(fresh.last):.2f} ± {_std(fresh.last):.2f}."
     )
 
 
@@ -516,12 +662,6 @@ def accuracy_limits(curves: Sequence[np.ndarray], target: float = 99.4) -> tuple
     return max(0.0, low - margin), min(100.0, high + margin)
 
 
-def _extra_colour(i: int):
-    from matplotlib import colormaps
-
-    return colormaps["tab20b"](i % 20)
-
-
 def _plot_band(axes, epochs, values: np.ndarray, colour, label: str, style: str = "-") -> None:
     """The seeds' mean per epoch as a line, their min to max as a band around it."""
     axes.plot(epochs, values.mean(0), color=colour, ls=style, lw=1.6, label=label)
@@ -533,34 +673,51 @@ def _finish_accuracy_axes(axes, shown: list[np.ndarray], title: str, ylabel: str
     axes.set(title=title, xlabel="epoch", ylabel=ylabel, ylim=accuracy_limits(shown, TARGET))
 
 
-def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
-    figure = _figure(13, 5.2)
-    test_axes, final_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    # One colour per recipe, the same in both panels (tab10 then tab20b beyond ten recipes).
-    colour_of = {r.name: f"C{i}" if i < 10 else _extra_colour(i - 10) for i, r in enumerate(results)}
+ORIGINAL_NINE = WALK[:-1]  # the original's eight models and its final recipe
+
+
+def _curve_panel(axes, results: Sequence[RecipeResult], title: str) -> None:
+    """Test accuracy per epoch of ``results``, one colour (and, past ten, one dash) per recipe."""
     shown = []
-    for res in (r for r in results if r.finished):
+    for i, res in enumerate(r for r in results if r.finished):
         epochs, values = _per_epoch(res.finished, "test_accuracy")
         shown.append(values)
-        _plot_band(test_axes, epochs, values, colour_of[res.name], f"{res.name} ({len(values)} seeds)")
-    _finish_accuracy_axes(
-        test_axes, shown, "Test accuracy per epoch: seed mean, band from min to max", "test accuracy (%)"
+        style = "-" if i < 10 else "--"
+        _plot_band(axes, epochs, values, f"C{i % 10}", f"{res.name} ({len(values)} seeds)", style)
+    _finish_accuracy_axes(axes, shown, title, "test accuracy (%)")
+    if shown:
+        # Below the panel, not over the curves.
+        axes.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    axes.grid(alpha=0.3)
+
+
+def draw_curves(results: Sequence[RecipeResult], path: Path) -> None:
+    """Three panels: the original's nine recipes; this project's; train vs test of the two final
+    recipes. Each recipe: the seeds' mean test accuracy per epoch, a band from min to max."""
+    figure = _figure(13, 12)
+    grid = figure.add_gridspec(2, 2, height_ratios=[1.7, 1])
+    original_axes, ours_axes = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
+    final_axes = figure.add_subplot(grid[1, :])
+    _curve_panel(
+        original_axes, [r for r in results if r.name in ORIGINAL_NINE], "The original's nine recipes"
     )
-    test_axes.legend(fontsize=7, loc="lower right", ncol=2)
-    test_axes.grid(alpha=0.3)
+    _curve_panel(ours_axes, [r for r in results if r.name not in ORIGINAL_NINE], "This project's recipes")
     shown = []
-    for res in (r for r in results if r.name in ("final", "final_onecycle") and r.finished):
+    for i, res in enumerate(r for r in results if r.name in ("final", "final_onecycle") and r.finished):
         for key, style in (("train_accuracy", ":"), ("test_accuracy", "-")):
             epochs, values = _per_epoch(res.finished, key)
             shown.append(values)
             label = f"{res.name} {key.split('_')[0]}"
-            _plot_band(final_axes, epochs, values, colour_of[res.name], label, style)
+            _plot_band(final_axes, epochs, values, f"C{i}", label, style)
     _finish_accuracy_axes(
         final_axes, shown, "Final recipes: train (dotted; running, dropout on) vs test", "accuracy (%)"
     )
-    if final_axes.lines[1:]:
-        final_axes.legend(fontsize=8, loc="lower right")
+    if shown:
+        final_axes.legend(fontsize=9, loc="lower right")
     final_axes.grid(alpha=0.3)
+    figure.suptitle(
+        f"Test accuracy per epoch: seed mean, band from min to max; dashed black: {TARGET} %", fontsize=12
+    )
     figure.tight_layout()
     _save(figure, path)
 
@@ -587,33 +744,66 @@ def frontier_points(results: Sequence[RecipeResult], summaries: dict) -> list[di
     return sorted(points, key=lambda p: (p["params"], p["name"]))
 
 
-def draw_frontier(results: Sequence[RecipeResult], summaries: dict, path: Path) -> None:
-    from matplotlib import colormaps
+def spread_positions(params: Sequence[int], step: float = 0.05, near: float = 0.03) -> list[float]:
+    """x positions for points at ``params`` (in that order, sorted by size): recipes of equal or
+    nearly equal size (a chain of counts each within ``near`` of the next) are set side by side,
+    ``step`` apart on the log axis around the cluster's middle, instead of on top of each other."""
+    order = sorted(range(len(params)), key=lambda i: params[i])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and params[i] <= params[clusters[-1][-1]] * (1 + near):
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    xs = [0.0] * len(params)
+    for cluster in clusters:
+        middle = math.exp(statistics.mean(math.log(params[i]) for i in cluster))
+        for k, i in enumerate(cluster):
+            xs[i] = middle * (1 + step) ** (k - (len(cluster) - 1) / 2)
+    return xs
 
-    figure = _figure(12, 6.2)
-    axes = figure.subplots()
+
+# The left panel of frontier.png shows the nets under this size (the study's range); larger ones
+# (the original's models 1 and 2) are in its rows only.
+FRONTIER_AXIS_PARAMS = 10_000
+
+
+def draw_frontier(results: Sequence[RecipeResult], summaries: dict, path: Path) -> None:
+    """Left: last-epoch test accuracy against parameters (log), each recipe numbered; right: the
+    same numbers as rows, one dot per seed, so recipes of one parameter count stay apart."""
+    figure = _figure(13, 7.5)
+    axes, rows_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1]})
     points = frontier_points(results, summaries)
-    markers = ("o", "s", "^", "D", "v", "P", "X")
-    for i, p in enumerate(points):
+    number = {p["name"]: i + 1 for i, p in enumerate(points)}
+    colour = {p["name"]: f"C{i % 10}" for i, p in enumerate(points)}
+    small = [p for p in points if p["params"] < FRONTIER_AXIS_PARAMS]
+    xs = spread_positions([p["params"] for p in small])
+    for p, x in zip(small, xs):
         low, high = min(p["last"]), max(p["last"])
-        holds_all = p["held"] == p["seeds"] and p["seeds"] >= 5
         axes.errorbar(
-            p["params"],
+            x,
             p["mean"],
             yerr=[[p["mean"] - low], [high - p["mean"]]],
-            fmt=markers[i % len(markers)],
-            color=colormaps["tab20"](i % 20),
-            mfc=colormaps["tab20"](i % 20) if p["held"] else "white",
-            ms=7,
-            capsize=3,
-            lw=1.2,
-            label=f"{p['name']} ({p['params']:,}): {p['held']}/{p['seeds']}" + (" ✓" if holds_all else ""),
+            fmt="o",
+            color=colour[p["name"]],
+            mfc=colour[p["name"]] if p["held"] else "white",
+            ms=6,
+            capsize=2,
+            lw=1,
         )
-    on = [p for p in points if p["frontier"]]
+        axes.annotate(
+            str(number[p["name"]]),
+            (x, high),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    on = [(p, x) for p, x in zip(small, xs) if p["frontier"]]
     if on:
         axes.plot(
-            [p["params"] for p in on],
-            [p["mean"] for p in on],
+            [x for _, x in on],
+            [p["mean"] for p, _ in on],
             color="grey",
             lw=1,
             ls=":",
@@ -624,21 +814,48 @@ def draw_frontier(results: Sequence[RecipeResult], summaries: dict, path: Path) 
     axes.set_xscale("log")
     ys = [np.array(p["last"]) for p in points]
     low, high = accuracy_limits(ys, TARGET)
+    ylim = (min([low] + [float(y.min()) - 0.05 for y in ys]), high + 0.05)
     axes.set(
-        title="Last-epoch test accuracy (seed mean, bar: min to max) against trainable parameters",
+        title=f"Nets under {FRONTIER_AXIS_PARAMS:,} parameters (mean, bar: min to max;\nhollow: no seed "
+        "holds; nearly equal sizes side by side)",
         xlabel="trainable parameters (log scale)",
         ylabel="test accuracy at the last epoch (%)",
-        ylim=(min([low] + [float(y.min()) - 0.05 for y in ys]), high),
+        ylim=ylim,
     )
-    axes.legend(
-        title=f"recipe (parameters): seeds ≥ {TARGET} % in each of\nthe last {LAST} epochs "
-        "(hollow: none; ✓: all of ≥ 5)",
-        title_fontsize=7,
-        fontsize=7,
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-    )
+    axes.title.set_size(10)
+    axes.legend(fontsize=9, loc="lower right")
     axes.grid(alpha=0.3, which="both")
+    # The rows: one per recipe, fewest parameters at the top.
+    for row, p in enumerate(points):
+        rows_axes.scatter(p["last"], [row] * len(p["last"]), s=12, color=colour[p["name"]], alpha=0.6)
+        rows_axes.plot(
+            [p["mean"]],
+            [row],
+            marker="|",
+            ms=14,
+            mew=2,
+            color=colour[p["name"]],
+        )
+    rows_axes.axvline(TARGET, color="black", ls="--", lw=1)
+    rows_axes.set_yticks(
+        range(len(points)),
+        [
+            f"{i + 1}. {p['name']} ({p['params']:,}): {p['held']}/{p['seeds']}"
+            + (" ✓" if p["held"] == p["seeds"] and p["seeds"] >= 5 else "")
+            for i, p in enumerate(points)
+        ],
+        fontsize=8.5,
+    )
+    rows_axes.set_ylim(len(points) - 0.5, -0.5)
+    rows_axes.set_xlim(*ylim)
+    rows_axes.set(
+        title=f"Every recipe: each seed's last epoch (dot), the mean (bar);\nafter the colon: seeds ≥ "
+        f"{TARGET} % in each of the last {LAST} epochs (✓: all of ≥ 5)",
+        xlabel="test accuracy at the last epoch (%)",
+    )
+    rows_axes.title.set_size(10)
+    rows_axes.yaxis.tick_right()
+    rows_axes.grid(alpha=0.3, axis="x")
     figure.tight_layout()
     _save(figure, path)
 

@@ -3,7 +3,8 @@
 Layout (one seed):
 - ``config.json``: the run's identity (resolved recipe, seed, training-set size) plus the
   versions that wrote it (jax-mnist's among them), the code (``jax_mnist.provenance``: git commit,
-  whether the package differed from it, the recipe schema version) and the device;
+  whether the package differed from it, the recipe schema version), the device, and which
+  accuracy ``best/`` is chosen by (``best_checkpoint``: test, or validation in a screening run);
 - ``checkpoints/<epoch>/``: orbax checkpoints of the last two epochs, each with three items:
   ``weights`` (params, batch_stats), ``rest`` (step, optimizer state) and ``record`` (JSON: the
   history of every epoch up to this one, the sha256 of the two array items, the versions);
@@ -357,7 +358,8 @@ def load_run(
     out_dir: str | os.PathLike, checkpoint: str | int = "last", warn: Callable[[str], None] | None = None
 ) -> Run:
     """A finished or interrupted run: its recipe, seed, metrics, and the verified weights of
-    ``checkpoint``: "last" (the newest good checkpoint), "best" (best test accuracy) or an epoch.
+    ``checkpoint``: "last" (the newest good checkpoint), "best" (best test accuracy; best validation
+    accuracy in a run with a validation split) or an epoch.
 
     Read only: a checkpoint that fails its digest (or, in an older run, has none) is reported
     through ``warn`` and stepped over for "last", an error otherwise; nothing is deleted or moved.
@@ -497,6 +499,8 @@ class RunDir:
                         (out / leftover).unlink(missing_ok=True)
                     config = {**identity, "versions": versions(), "code": code_provenance()}
                     config["device"] = device()
+                    split = "validation" if identity.get("validation_split") else "test"
+                    config["best_checkpoint"] = f"best/ holds the epoch of best {split} accuracy"
                     write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
                 else:
                     run._resume(previous, identity, like)

@@ -117,6 +117,16 @@ def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
     ]
 
 
+def trainings(runs: Sequence[SeedRun]) -> list[tuple[list[int], float]]:
+    """The trainings that made ``runs``: (seeds, wall seconds) for each group of seeds trained
+    together in one program (they record the same ``epoch_seconds`` for every epoch), in seed
+    order; the wall seconds are the sum of the epochs' recorded times."""
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for run in sorted(runs, key=lambda r: r.seed):
+        groups.setdefault(tuple(row["epoch_seconds"] for row in run.history), []).append(run.seed)
+    return [(seeds, sum(times)) for times, seeds in groups.items()]
+
+
 def _multiply_adds(recipe: Recipe) -> int:
     return _model_multiply_adds(recipe.model)
 

@@ -1,12 +1,14 @@
 """Which code made a run: the commit, ``dirty``, and the recipe schema version in config.json."""
 
 import dataclasses
+import json
 import subprocess
 
 import pytest
 
 from jax_mnist.provenance import code_provenance
-from jax_mnist.recipes import RECIPE_SCHEMA_VERSION, Recipe
+from jax_mnist.recipes import RECIPE_SCHEMA_VERSION, Recipe, get_recipe
+from jax_mnist.rundir import RunDir, run_identity
 
 # Recipe's fields as of RECIPE_SCHEMA_VERSION 1. A change to Recipe fails here: raise the version
 # (runs record it) and update this list together.
@@ -76,3 +78,14 @@ def test_a_package_nested_inside_another_repository_is_not_credited_to_it(checko
     inner = checkout / "venv" / "site-packages" / "pkg"
     inner.mkdir(parents=True)
     assert code_provenance(inner)["commit"] is None
+
+
+@pytest.mark.parametrize(("validation", "split"), [(0, "test"), (10_000, "validation")])
+def test_a_new_run_directory_records_its_code_and_what_best_means(tmp_path, validation, split):
+    recipe = dataclasses.replace(get_recipe("ours_5k"), validation=validation)
+    identity = run_identity(recipe, 1, 60_000 - validation)
+    with RunDir.open(1, tmp_path / "run", identity, None, None, lambda line: None):
+        pass
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["code"] == code_provenance()
+    assert config["best_checkpoint"] == f"best/ holds the epoch of best {split} accuracy"

@@ -13,8 +13,9 @@ import pytest
 from jax_mnist import report
 from jax_mnist.cli import main
 from jax_mnist.inference import Evaluation, evaluation_paths, write_evaluation
-from jax_mnist.recipes import get_recipe
-from jax_mnist.study import read_study, seconds_per_seed_epoch
+from jax_mnist.recipes import RECIPE_NAMES, SELECTION, get_recipe
+from jax_mnist.study import read_study, seconds_per_seed_epoch, trainings
+from jax_mnist.summary import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,8 +76,10 @@ def fake_study(tmp_path_factory):
     return root
 
 
-def table_row(markdown: str, recipe: str) -> list[str]:
-    (line,) = [ln for ln in markdown.splitlines() if ln.startswith(f"| `{recipe}` | ")]
+def table_row(markdown: str, recipe: str, header: list[str] = report.TABLE_HEADER) -> list[str]:
+    """The cells of ``recipe``'s row in the table of ``header`` (the study table by default)."""
+    table = markdown.split("| " + " | ".join(header) + " |\n", 1)[1].split("\n\n", 1)[0]
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| `{recipe}` | ")]
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -247,3 +250,114 @@ def test_curve_limits_come_from_the_data_and_keep_the_target_in_view():
     low, high = accuracy_limits([strong])
     assert 99.0 < low < 99.4 and 99.55 < high <= 100.0  # zoomed in on where the runs settle
     assert accuracy_limits([]) == (98.4, 99.9)
+
+
+def test_each_training_is_its_seeds_and_wall_minutes(fake_study):
+    """Seeds trained together (one shared time per epoch) are one training; the minutes are the
+    sum of the recorded epoch times, never typed in."""
+    study = read_study(fake_study)
+    assert trainings(study["final"]) == [([1, 2, 3], 90.0 * EPOCHS)]
+    assert trainings(study["model_4_batchnorm"]) == [([1], 22.0 * EPOCHS), ([2], 24.0 * EPOCHS)]
+    markdown = report.render_markdown(fake_study, fake_study, fake_study, "final/seed-1")
+    row = dict(zip(report.TABLE_HEADER, table_row(markdown, "model_4_batchnorm")))
+    assert row["wall minutes of each training (seeds trained together: minutes)"] == "1: 1.8; 2: 2.0"
+
+
+@pytest.fixture
+def confirmation(tmp_path):
+    """final on two fresh seeds (one holds), ours_8k on one unfinished."""
+    root = tmp_path / "confirm"
+    write_fake_run(root / "final" / "seed-21", "final", 21, [98.0, 99.0, 99.41, 99.42, 99.45], 60.0)
+    write_fake_run(root / "final" / "seed-22", "final", 22, [98.0, 99.0, 99.39, 99.42, 99.45], 60.0)
+    write_fake_run(root / "ours_8k" / "seed-21", "ours_8k", 21, [98.0, 99.0], 60.0)
+    return root
+
+
+def test_confirmation_seeds_are_a_table_of_their_own_beside_how_each_recipe_was_chosen(
+    fake_study, confirmation
+):
+    markdown = report.render_markdown(fake_study, fake_study, fake_study, "final/seed-1", confirmation)
+    assert f"`jax-mnist report {fake_study.as_posix()} --confirmation {confirmation.as_posix()}`" in markdown
+    row = dict(zip(report.CONFIRMATION_HEADER, table_row(markdown, "final", report.CONFIRMATION_HEADER)))
+    assert row["how it was chosen"] == SELECTION["final"]
+    assert row["study seeds: held ≥ 99.4 in each of the last 3"] == "2/3"
+    assert row["confirmation seeds"] == "21-22"
+    assert row["test % at the last epoch: mean ± std (min)"] == "99.45 ± 0.00 (99.45)"
+    assert row["per seed: min test % over the last 3 epochs"] == "99.41, 99.39"
+    assert row["seeds ≥ 99.4 in each of the last 3"] == "1/2"
+    ours = table_row(markdown, "ours_8k", report.CONFIRMATION_HEADER)
+    assert ours[3] == "not run" and ours[4] == "none finished (unfinished: 21 at epoch 2)" and ours[5] == "—"
+    assert table_row(markdown, "model_1_setup", report.CONFIRMATION_HEADER)[4:] == ["not run", "—", "—", "—"]
+    # The study table is the study's seeds alone.
+    assert table_row(markdown, "final")[5] == "1-3"
+
+
+def test_every_registered_recipe_says_how_it_was_chosen():
+    assert set(SELECTION) == set(RECIPE_NAMES)
+    assert all(SELECTION.values())
+
+
+def test_the_headline_states_the_confirmation_seeds(fake_study, confirmation, tmp_path):
+    """The smallest holding recipe's sentence says what its fresh seeds held (or that it has none)."""
+    study = tmp_path / "holds"
+    for seed in range(1, 6):
+        write_fake_run(study / "final" / f"seed-{seed}", "final", seed, [98.0, 99.0, 99.5, 99.5, 99.5], 30.0)
+    results = report.collect(read_study(study))
+    summaries = {r.model: summarize(r.model) for r in results}
+    confirmed = report.collect(read_study(confirmation))
+    sentence = report.smallest_holding(results, summaries, confirmed)
+    assert sentence.endswith(
+        "On its confirmation seeds (21-22, never used for any choice) it holds on 1/2, last epoch "
+        "99.45 ± 0.00."
+    )
+    assert report.smallest_holding(results, summaries, []).endswith(
+        "It has no finished confirmation seed yet."
+    )
+    assert "confirmation" not in report.smallest_holding(results, summaries)
+
+
+def test_runs_of_one_recipe_made_by_other_code_or_versions_are_named(tmp_path):
+    for seed, commit, dirty, jax_version in ((1, "a" * 40, False, "0.10.2"), (2, "b" * 40, True, "0.12.1")):
+        out = tmp_path / "final" / f"seed-{seed}"
+        write_fake_run(out, "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+        config = json.loads((out / "config.json").read_text())
+        config["code"] = {"commit": commit, "dirty": dirty, "recipe_schema": 1}
+        config["versions"] = {"jax": jax_version, "flax": "0.12.8"}
+        (out / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "final" / "seed-3"  # made before config.json recorded the code
+    write_fake_run(out, "final", 3, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "versions": {"jax": "0.10.2", "flax": "0.12.8"}}))
+    markdown = report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1")
+    assert (
+        "- `final` was made by different code: commit aaaaaaaaaa (seeds 1); commit bbbbbbbbbb (dirty) "
+        "(seeds 2); commit not recorded (seeds 3)" in markdown
+    )
+    assert (
+        "- `final` was made by different versions: jax 0.10.2 (seeds 1, 3); jax 0.12.1 (seeds 2)" in markdown
+    )
+    # One commit and one set of versions: nothing said.
+    (tmp_path / "final" / "seed-2").rename(tmp_path / "other")
+    (tmp_path / "final" / "seed-3").rename(tmp_path / "other-3")
+    assert "made by different" not in report.render_markdown(tmp_path, tmp_path, tmp_path, "final/seed-1")
+
+
+def test_a_missing_confirmation_directory_is_one_line(fake_study, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.MARKERS[0]}\n{report.MARKERS[1]}\n")
+    argv = ["report", str(fake_study), "--out", str(tmp_path / "f"), "--confirmation", str(tmp_path / "none")]
+    assert main(argv + ["--readme", str(readme)]) == 2
+    assert "none: no such study directory" in capsys.readouterr().err
+    assert readme.read_text() == f"{report.MARKERS[0]}\n{report.MARKERS[1]}\n"
+
+
+def test_recipes_of_nearly_equal_size_are_drawn_apart_in_size_order():
+    """frontier.png: equal or nearly equal counts get distinct x positions, still in size order,
+    centred on their sizes; a count far from the others stays where it is."""
+    params = [7914, 7788, 7914, 2112, 7830]
+    xs = report.spread_positions(params)
+    assert xs[3] == 2112
+    crowd = sorted([0, 1, 2, 4], key=lambda i: (params[i], i))
+    assert [xs[i] for i in crowd] == sorted(xs[i] for i in crowd)
+    assert len({xs[i] for i in crowd}) == 4
+    assert all(x > 0.8 * 7788 and x < 1.2 * 7914 for x in (xs[i] for i in crowd))
