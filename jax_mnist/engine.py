@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
 
 from jax_mnist import augment as augment_lib
 from jax_mnist import hosts, schedules
@@ -417,24 +417,25 @@ def epoch_chunks(num_examples: int, batch_size: int, chunks: int = 10) -> list[t
 
 # With its older elemental fusion emitters XLA:CPU compiles model 8's training step in about
 # two thirds of the time, and the step runs no slower (docs/benchmarks.md, profile_step.py).
-_CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
+CPU_COMPILER_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
 
 
 @functools.cache
-def _compiler_options_for(device) -> tuple[tuple[str, Any], ...]:
-    if device.platform != "cpu":
+def _accepted_options(device, wanted: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    if device.platform != "cpu" or not wanted:
         return ()
-    try:  # an XLA that no longer knows the option refuses it: then compile with the defaults
-        probe = jax.jit(lambda x: x + 1, compiler_options=dict(_CPU_COMPILER_OPTIONS))
+    try:  # an XLA that no longer knows an option refuses it (jax 0.12 dropped this one)
+        probe = jax.jit(lambda x: x + 1, compiler_options=dict(wanted))
         probe.lower(jax.device_put(jnp.zeros(()), device)).compile()
     except Exception:  # noqa: BLE001  (XLA raises its own runtime error type)
         return ()
-    return _CPU_COMPILER_OPTIONS
+    return wanted
 
 
-def compiler_options(device) -> dict[str, Any]:
-    """XLA options for the compiled programs on ``device`` (empty off CPU)."""
-    return dict(_compiler_options_for(device))
+def compiler_options(device, wanted: tuple[tuple[str, Any], ...] = CPU_COMPILER_OPTIONS) -> dict[str, Any]:
+    """XLA options for the compiled programs on ``device``: ``wanted`` on CPU when this XLA takes
+    them, else none (the defaults); none off CPU."""
+    return dict(_accepted_options(device, wanted))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,7 +478,7 @@ class Programs:
         # vmap when the seeds are split over devices (a loop over a split axis would serialise them)
         self.seed_strategy = "vmap" if self.splits_seeds else resolve_seed_axis(recipe.seed_axis, platform)
         if self.mesh is None:
-            self.seed_sharding = self.data_sharding = SingleDeviceSharding(devices[0])
+            self.seed_sharding = self.data_sharding = make_single_device_sharding(devices[0])
         else:
             self.data_sharding = NamedSharding(self.mesh, PartitionSpec())
             self.seed_sharding = NamedSharding(

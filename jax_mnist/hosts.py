@@ -164,15 +164,20 @@ def from_main(read: Callable[[], Any], share: Callable[[Any], Any] = lambda valu
     ``share(result)`` (JSON-able), sent by the main process, or raises the main process's error."""
     if count() == 1:
         return read()
+    value, error, told = None, None, None
     if is_main():
         try:
             value = read()
+            told = {"value": share(value)}
         except JaxMnistError as e:
-            broadcast_json({"error": str(e)})
-            raise
-        broadcast_json({"value": share(value)})
+            error, told = e, {"error": str(e)}
+    # One call site for every process: jax 0.12 tells collectives apart by the source line they
+    # were traced from, so processes that broadcast from different lines never meet (a hang).
+    told = broadcast_json(told)
+    if error is not None:
+        raise error
+    if is_main():
         return value
-    told = broadcast_json()
     if "error" in told:
         raise HostsError(f"{describe()}: process 0 stopped: {told['error']}")
     return told["value"]

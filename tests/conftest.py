@@ -25,6 +25,16 @@ TEST_CACHE = Path(os.environ.get("JAX_MNIST_TEST_CACHE", REPO / ".pytest_cache" 
 TRAINING_FIXTURES = {"straight_run", "finished", "run_dir", "multi_run", "single_runs", "old_run"}
 
 
+@pytest.fixture(autouse=True)
+def _reap_spawned():
+    """No process a test spawned (tests.helpers.spawn) outlives it, whether it passed or not."""
+    from tests.helpers import SPAWNED, reap
+
+    yield
+    reap(SPAWNED)
+    SPAWNED.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(item.fixturenames):

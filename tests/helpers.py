@@ -1,4 +1,10 @@
-"""Shared by the training tests: a small but real configuration and ways to compare runs."""
+"""Shared by the training tests: a small but real configuration, ways to compare runs, and
+processes that never outlive their test."""
+
+import os
+import signal
+import subprocess
+import time
 
 import jax
 import numpy as np
@@ -26,6 +32,36 @@ def final_params(out):
     return jax.tree_util.tree_map(np.asarray, load_run(out).state)
 
 
+# Every process a test starts through ``spawn``; conftest's autouse fixture reaps them after each
+# test, passed, failed or timed out, so a hung child never outlives its test.
+SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(argv, **kwargs)`` in a process group of its own, reaped after the test."""
+    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+    SPAWNED.append(proc)
+    return proc
+
+
+def reap(processes: list[subprocess.Popen], grace: float = 5.0) -> list[int]:
+    """Stop every process (and its group) still running: SIGTERM, then SIGKILL to those still
+    there after ``grace`` seconds. Returns the pids that had to be stopped."""
+    running = [p for p in processes if p.poll() is None]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in running:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:  # already gone
+                pass
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 30)
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for p in running:
+        p.communicate()  # close its pipes
+    return [p.pid for p in running]
+
+
 def jax_mnist_command(args: str | list, **options) -> list[str]:
     """``python -m jax_mnist`` with ``args`` (a string is split on spaces) and then each option
     as ``--name value`` (``data_dir=`` gives ``--data-dir``): the argv of a subprocess test."""
@@ -48,7 +84,7 @@ def kill_then_resume(seed_args: list[str], out, data_dir, kill_at: str):
     cmd = jax_mnist_command(
         ["train", "--recipe", "final", *seed_args, *small.split()], out=out, data_dir=data_dir
     )
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith(kill_at):
             proc.send_signal(signal.SIGKILL)

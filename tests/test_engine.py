@@ -2,14 +2,16 @@
 
 import ast
 import importlib.metadata
+import json
 import re
 import sys
+import tomllib
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tomllib
 
 from jax_mnist.bench import counting_compiles
 from jax_mnist.engine import ProgramConfig, batch_metrics, make_model, programs_for
@@ -197,3 +199,37 @@ def test_rate_and_time_left_count_from_after_the_compile():
     bar.close()
     # 10 / 0.15 = 67 steps/s; with the compile chunk in tqdm's average it would show about 20
     assert rate > 40, rate
+
+
+def _pins(path: Path) -> dict[str, str]:
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return dict(ln.lower().split("==", 1) for ln in lines)
+
+
+def test_the_floors_are_what_ci_tests_and_the_constraints_made_the_study():
+    """pyproject's floors of the core libraries are the versions of the oldest Python CI tests
+    (the constraints file), and those are the versions every committed study run records."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floors = {
+        _normalized(r): r.split(">=", 1)[1] for r in project["dependencies"] if ">=" in r and "[" not in r
+    }
+    pins = _pins(REPO / "constraints" / "study-py3.11.txt")
+    for name in ("jax", "flax", "optax", "orbax-checkpoint"):
+        assert floors[name] == pins[name], f"{name}: floor {floors[name]}, constraints {pins[name]}"
+    assert project["requires-python"] == ">=3.11"
+    for config_path in sorted((REPO / "results" / "study").glob("*/seed-*/config.json")):
+        recorded = json.loads(config_path.read_text())["versions"]
+        for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+            assert recorded[name] == pins[name], f"{config_path}: {name} {recorded[name]} vs {pins[name]}"
+
+
+def test_a_deprecation_from_the_projects_own_code_fails_the_test():
+    """pyproject's filterwarnings: a deprecated name reached from jax_mnist or the tests is an
+    error; one inside a library stays the library's warning."""
+    with pytest.raises(DeprecationWarning, match="old name"):
+        warnings.warn_explicit("old name", DeprecationWarning, "engine.py", 1, module="jax_mnist.engine")
+    with pytest.raises(FutureWarning):
+        warnings.warn_explicit("will change", FutureWarning, "report.py", 1, module="jax_mnist.report")
+    with warnings.catch_warnings(record=True) as caught:  # the filters as configured, recorded
+        warnings.warn_explicit("theirs", DeprecationWarning, "optax.py", 1, module="optax._src.base")
+    assert [str(w.message) for w in caught] == ["theirs"]

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from jax_mnist import hosts
-from tests.helpers import final_params, jax_mnist_command
+from tests.helpers import final_params, jax_mnist_command, reap, spawn
 
 pytestmark = pytest.mark.slow  # every test here spawns processes
 
@@ -36,7 +37,7 @@ def start_processes(args: list[str], data_dir, devices_per_process: int = 1) -> 
         args, data_dir=data_dir, coordinator=f"127.0.0.1:{free_port()}", num_processes=2
     )
     return [
-        subprocess.Popen(
+        spawn(
             [*common, "--process-id", str(i)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -47,10 +48,17 @@ def start_processes(args: list[str], data_dir, devices_per_process: int = 1) -> 
     ]
 
 
-def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str, str]]:
+def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Each process's (exit code, stdout, stderr); one still running after ``timeout`` seconds
+    fails the test, and all of them are killed (SIGTERM, then SIGKILL) before it fails."""
+    deadline = time.monotonic() + timeout
     results = []
     for p in processes:
-        out, err = p.communicate(timeout=timeout)
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stopped = reap(processes)
+            pytest.fail(f"processes {stopped} still running after {timeout:.0f} s: killed")
         results.append((p.returncode, out, err))
     return results
 
@@ -206,3 +214,19 @@ def test_one_process_helpers_are_the_plain_path():
     assert hosts.from_main(lambda: value, lambda v: "not used with one process") is value
     tree = {"a": jax.numpy.arange(3.0)}
     np.testing.assert_array_equal(hosts.to_host(tree)["a"], np.arange(3.0))
+
+
+def test_a_spawned_process_that_ignores_sigterm_is_killed(tmp_path):
+    """The reaper every test's processes go through: SIGTERM, then SIGKILL after the grace period."""
+    started = tmp_path / "started"
+    code = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(started)!r}).touch(); time.sleep(600)"
+    )
+    stubborn = spawn([sys.executable, "-c", code])
+    while not started.exists():
+        time.sleep(0.05)
+    began = time.monotonic()
+    assert reap([stubborn], grace=0.5) == [stubborn.pid]
+    assert stubborn.returncode == -signal.SIGKILL and time.monotonic() - began < 10
+    assert reap([stubborn]) == []  # nothing left to stop

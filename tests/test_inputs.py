@@ -11,7 +11,7 @@ from jax_mnist import data as data_lib
 from jax_mnist.cli import main
 from jax_mnist.data import DataError, dataset_dir, load_mnist
 from jax_mnist.errors import CheckpointError
-from tests.helpers import jax_mnist_command
+from tests.helpers import jax_mnist_command, spawn
 
 
 def one_line_error(capsys, argv, message, tmp_path=None):
@@ -124,7 +124,7 @@ def test_sigterm_exits_143_with_a_command_that_continues_the_run(mnist_data_dir,
         out=out,
         data_dir=mnist_data_dir,
     )
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch  1/2"):
             proc.send_signal(signal.SIGTERM)

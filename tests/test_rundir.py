@@ -21,7 +21,7 @@ from jax_mnist.cli import main
 from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.run import train, train_seeds
 from jax_mnist.rundir import RunError, load_run, locked
-from tests.helpers import SUBSET, final_params, numbers, small_recipe
+from tests.helpers import SUBSET, final_params, numbers, small_recipe, spawn
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"  # epochs 1-2 of small_recipe(), seed 1, old format
 
@@ -227,9 +227,7 @@ LOCK_HOLDER = textwrap.dedent("""
 def test_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(out), "30"], stdout=subprocess.PIPE, text=True
-    )
+    holder = spawn([sys.executable, "-c", LOCK_HOLDER, str(out), "30"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "won"
         with pytest.raises(RunError, match=f"in use by process {holder.pid}"):
@@ -252,7 +250,7 @@ def test_two_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
         (out / ".lock").write_text("999999999")  # a stale lock of a process long gone
         go = tmp_path / f"go-{attempt}"
         racers = [
-            subprocess.Popen(
+            spawn(
                 [sys.executable, "-c", LOCK_HOLDER, str(out), "4", str(go)], stdout=subprocess.PIPE, text=True
             )
             for _ in range(4)

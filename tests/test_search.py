@@ -10,7 +10,7 @@ import pytest
 from jax_mnist.cli import main
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.search import SearchError, make_search, parse_space
-from tests.helpers import jax_mnist_command
+from tests.helpers import jax_mnist_command, spawn
 
 BASE = with_overrides(get_recipe("ours_2k"), {"validation": 1000, "epochs": 1})
 TINY = (
@@ -130,7 +130,7 @@ def test_the_same_command_resumes_without_repeating_a_trial(mnist_data_dir, tmp_
 def test_a_killed_trial_is_continued_from_its_checkpoint(mnist_data_dir, tmp_path):
     out = tmp_path / "search"
     command = _search(out, mnist_data_dir, "--epochs", "2", "--trials", "1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if line.startswith("epoch  1/2"):
             process.send_signal(signal.SIGKILL)
@@ -150,7 +150,7 @@ def test_two_workers_share_the_trials(mnist_data_dir, tmp_path):
     out = tmp_path / "search"
     command = _search(out, mnist_data_dir, "--epochs", "1")
     # The first creates the search; the second joins it while the first trains.
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in first.stdout:
         lines.append(line)
