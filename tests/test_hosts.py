@@ -106,8 +106,10 @@ def test_two_processes_train_each_seed_as_one_process_does(
         config = json.loads((run_dir / "config.json").read_text())
         assert config["device"]["count"] == 2 * devices_per_process
         (two,), (one,) = rows(run_dir), alone[seed]
+        # Losses in another rounding order: 1.05e-4 apart (relative) on jax 0.12.1 with the seeds
+        # split, under 1e-4 on 0.10.2; a wrong or swapped state is off by percents.
         for key in ("train_loss", "test_loss"):
-            assert two[key] == pytest.approx(one[key], rel=1e-4), (seed, key)
+            assert two[key] == pytest.approx(one[key], rel=5e-4), (seed, key)
         for key in ("train_accuracy", "test_accuracy"):
             assert abs(two[key] - one[key]) <= 0.1, (seed, key, two[key], one[key])
         # The same function in another rounding (split seeds run vmap where one process runs lax.map;

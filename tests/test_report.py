@@ -174,13 +174,15 @@ def test_a_misplaced_run_is_refused(fake_study, tmp_path, capsys):
 def test_the_readme_results_are_the_report_of_the_committed_study(tmp_path, monkeypatch):
     """The committed study: README section and figures are what `jax-mnist report` makes of it now."""
     monkeypatch.chdir(REPO)  # as `jax-mnist report results/study` is run: from the repository
-    study, readme = Path("results/study"), Path("README.md")
-    expected = report.render_markdown(study, study, ".")
+    study, readme, confirm = Path("results/study"), Path("README.md"), Path("results/confirm")
+    expected = report.render_markdown(study, study, ".", confirmation_dir=confirm)
     assert report.pasted_section(readme.read_text()) == expected, (
-        "README's Results section differs from the report: run jax-mnist report results/study --readme "
-        "README.md"
+        "README's Results section differs from the report: run jax-mnist report results/study "
+        "--confirmation results/confirm --readme README.md"
     )
-    assert (study / "report.md").read_text() == report.render_markdown(study, study, study)
+    assert (study / "report.md").read_text() == report.render_markdown(
+        study, study, study, confirmation_dir=confirm
+    )
     written = report.write_figures(study, tmp_path)
     for path in written:
         committed = study / path.name
