@@ -425,7 +425,7 @@ def confirmation_section(
     confirmed = collect(read_study(confirmation_dir)) if confirmation_dir is not None else []
     where = (
         f"the runs in `{Path(confirmation_dir).as_posix()}` (seeds never used for any choice: trained once "
-        "the recipe was fixed, the same command as the study's, `--out` aside)"
+        "the recipe was fixed, by the study's command with other `--seeds` and `--out`)"
         if confirmation_dir is not None
         else "no confirmation directory given (`--confirmation DIR`)"
     )
