@@ -110,8 +110,11 @@ def test_two_processes_train_each_seed_as_one_process_does(
         # split, under 1e-4 on 0.10.2; a wrong or swapped state is off by percents.
         for key in ("train_loss", "test_loss"):
             assert two[key] == pytest.approx(one[key], rel=5e-4), (seed, key)
+        # Accuracies: after 4 steps the nets are near chance (13-30 %), so many images sit on
+        # near-ties that this rounding can flip (jax 0.12.1: 2 of the 1,024 training images, 17 of
+        # the 10,000 test images); 0.5 point allowed, where the two seeds differ by about 10.
         for key in ("train_accuracy", "test_accuracy"):
-            assert abs(two[key] - one[key]) <= 0.1, (seed, key, two[key], one[key])
+            assert abs(two[key] - one[key]) <= 0.5, (seed, key, two[key], one[key])
         # The same function in another rounding (split seeds run vmap where one process runs lax.map;
         # a split batch sums in another order, and a rotated pixel on an exact tie can land on the
         # other side): 4 steps at lr 0.1 carry that to 2e-4 (seeds split) and 6e-3 (batch split) in
