@@ -838,13 +838,25 @@ def main(argv: list[str] | None = None) -> int:
     host_memory.apply_from_env()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # --help writes too
+    except BrokenPipeError:
+        return _closed_pipe()
     args.argv = argv
     with _sigterm_as_interrupt():
         code = _run(args)
     if code:
         _leave_processes(code)
     return code
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (`| head`): stop quietly with the shell's status of a SIGPIPE,
+    stdout pointed at /dev/null so that the flush at exit does not fail again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
 
 
 @contextlib.contextmanager
@@ -911,6 +923,8 @@ def _run(args) -> int:
             raise
         print(f"jax-mnist {args.command}: error: {problem}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         print(

@@ -211,3 +211,21 @@ def test_a_long_study_plan_is_abbreviated(tmp_path, capsys):
     plan = [line for line in lines if line.startswith("  ")]
     assert plan and all("seeds 1, 2, 3, 4, 5, 6, 7, 8, …, 10000 (10,000 seeds)" in line for line in plan)
     assert max(len(line) for line in lines) < 200
+
+
+@pytest.mark.slow  # spawns processes
+@pytest.mark.parametrize("command", ["recipes", "recipes final", "summary model_8_dropout_maxpool"])
+def test_a_closed_pipe_ends_quietly_with_the_shells_status(command, tmp_path):
+    """`jax-mnist ... | true` (a reader that leaves before the first line, as `head` does after its
+    lines): no traceback, and the status a shell gives a SIGPIPE (141)."""
+    argv = " ".join(jax_mnist_command(command))
+    done = subprocess.run(
+        ["bash", "-c", f"{argv} 2>err.txt | true; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    err = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in err and "Error" not in err, err
+    assert done.stdout.strip() == "141"
