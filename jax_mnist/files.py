@@ -32,7 +32,8 @@ def write_atomically(path: str | os.PathLike, content: Content) -> Path:
     """Write ``content`` (text, bytes, or a function that writes to a binary file) to ``path``.
 
     Readers see the old file or the whole new one, never a part; on failure nothing is left.
-    The directory must exist (a missing one is reported like any other failure)."""
+    The file gets the permissions ``open`` would give it (0666 less the umask). The directory must
+    exist (a missing one is reported like any other failure)."""
     path = Path(path)
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,6 +41,7 @@ def write_atomically(path: str | os.PathLike, content: Content) -> Path:
         raise WriteError(f"{path}: cannot write ({e.strerror})") from None
     tmp = Path(tmp_name)
     try:
+        os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; `open` would honour the umask
         with os.fdopen(fd, "wb") as f:
             if callable(content):
                 content(f)
@@ -55,6 +57,12 @@ def write_atomically(path: str | os.PathLike, content: Content) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it back at once
+    os.umask(mask)
+    return mask
 
 
 def run_directory_of(path: Path) -> Path | None:

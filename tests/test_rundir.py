@@ -531,6 +531,20 @@ def test_a_failing_atomic_write_leaves_nothing_and_names_the_target(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.png"] and target.read_bytes() == b"whole"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_permissions_open_would_give(tmp_path, umask):
+    """0666 less the umask, as `open` gives (mkstemp alone would leave every file 0600)."""
+    previous = os.umask(umask)
+    try:
+        written = write_atomically(tmp_path / "report.md", "text\n")
+        with open(tmp_path / "by-open.md", "w") as f:
+            f.write("text\n")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == (tmp_path / "by-open.md").stat().st_mode & 0o777
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
 def test_disk_full_at_the_start_of_a_run_is_one_line_and_leaves_no_lock(mnist, tmp_path, monkeypatch):
     out = tmp_path / "full-at-start"
