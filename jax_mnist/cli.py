@@ -338,7 +338,13 @@ def cmd_study(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from jax_mnist.report import paste_into, pasted_section, render_markdown, write_figures
+    from jax_mnist.report import (
+        DEFAULT_EVALUATED_RUN,
+        paste_into,
+        pasted_section,
+        render_markdown,
+        write_figures,
+    )
 
     out = Path(args.out or args.study)
     if args.screening:
@@ -369,6 +375,13 @@ def cmd_report(args) -> None:
             raise UserError(f"{out}: cannot create the directory ({e.strerror})") from None
         print(f"wrote {write_atomically(out / 'screening.md', text)}")
         return
+    if args.run is None:
+        args.run = DEFAULT_EVALUATED_RUN  # drawn when it has been evaluated, else said so
+    elif not (Path(args.study) / args.run / "config.json").is_file():
+        raise UserError(
+            f"--run {args.run}: {Path(args.study) / args.run} is not a run directory (name one of "
+            f"{args.study} as RECIPE/seed-S, or as the directory's name for train's runs/<recipe>-seed<S>)"
+        )
     if args.check:
         if not args.readme:
             raise UserError("--check compares a README with the report: name it with --readme")
@@ -755,13 +768,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="Markdown table and figures of a study, from its run directories")
-    p.add_argument("study", help="study directory, e.g. results/study")
+    p.add_argument(
+        "study",
+        help="a directory of runs: a study (<recipe>/seed-<s>, e.g. results/study), train's runs/ "
+        "(<recipe>-seed<s>), one train --seeds --out directory, or one run directory",
+    )
     p.add_argument("--out", help="where report.md and the PNGs go (default: the study directory)")
     from jax_mnist.report import DEFAULT_EVALUATED_RUN
 
     p.add_argument(
         "--run",
-        default=DEFAULT_EVALUATED_RUN,
         metavar="RECIPE/seed-S",
         help="the run whose test errors are drawn (its jax-mnist evaluate output; "
         f"default {DEFAULT_EVALUATED_RUN})",

@@ -25,7 +25,7 @@ from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
 from jax_mnist.recipes import RECIPE_NAMES, SELECTION, get_recipe
 from jax_mnist.rundir import MNIST_TRAIN_EXAMPLES, identity_differences, non_finite_fields
-from jax_mnist.study import SeedRun, read_study, seconds_per_seed_epoch, trainings
+from jax_mnist.study import SeedRun, read_runs, seconds_per_seed_epoch, trainings
 
 TARGET = 99.4  # % test accuracy, the original's goal
 LAST = 3  # ... held in each of the last LAST epochs
@@ -422,7 +422,7 @@ def confirmation_section(
     results: Sequence[RecipeResult], confirmation_dir: str | os.PathLike | None, summaries: dict
 ) -> tuple[list[str], list[RecipeResult]]:
     """The Markdown of how each recipe was chosen and its confirmation seeds, and their results."""
-    confirmed = collect(read_study(confirmation_dir)) if confirmation_dir is not None else []
+    confirmed = collect(read_runs(confirmation_dir)) if confirmation_dir is not None else []
     where = (
         f"the runs in `{Path(confirmation_dir).as_posix()}` (seeds never used for any choice: trained once "
         "the recipe was fixed, by the study's command with other `--seeds` and `--out`)"
@@ -451,7 +451,7 @@ def render_markdown(
     ``confirmation_dir``: a study directory of the same recipes on seeds never used for any choice."""
     from jax_mnist.summary import summarize
 
-    results = collect(read_study(study_dir))
+    results = collect(read_runs(study_dir))
     summaries = {res.model: summarize(res.model) for res in results}
     confirmation, confirmed = confirmation_section(results, confirmation_dir, summaries)
     provenance = provenance_notes(results + confirmed)
@@ -562,7 +562,7 @@ def render_screening(study_dir: str | os.PathLike) -> str:
     each trained with ``--validation N``), as Markdown; no test figure is involved."""
     from jax_mnist.summary import summarize
 
-    results = collect(read_study(study_dir), split="val")
+    results = collect(read_runs(study_dir), split="val")
     if not results:
         raise ReportError(
             f"{study_dir}: no run scored on a validation split (train screening runs with --validation N)"
@@ -913,7 +913,7 @@ def draw_confusion(predictions, title: str, path: Path) -> None:
 def write_figures(
     study_dir: str | os.PathLike, out_dir: str | os.PathLike, evaluated_run: str = DEFAULT_EVALUATED_RUN
 ) -> list[Path]:
-    results = collect(read_study(study_dir))  # a missing study is an error before anything is made
+    results = collect(read_runs(study_dir))  # a missing study is an error before anything is made
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

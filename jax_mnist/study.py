@@ -96,6 +96,54 @@ def read_study(study_dir: str | os.PathLike) -> dict[str, list[SeedRun]]:
     return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
+LAYOUTS = (
+    "<recipe>/seed-<s>/config.json (a study: jax-mnist study, or train --seeds with --out <dir>/<recipe>)",
+    "<name>/config.json (train's runs/<recipe>-seed<s>)",
+    "seed-<s>/config.json (one train --seeds --out directory)",
+    "config.json (one run directory)",
+)
+
+
+def _by_recipe(runs: list[SeedRun]) -> dict[str, list[SeedRun]]:
+    grouped: dict[str, list[SeedRun]] = {}
+    for run in runs:
+        grouped.setdefault(run.recipe_name, []).append(run)
+    return {name: sorted(found, key=lambda r: r.seed) for name, found in grouped.items()}
+
+
+def read_runs(directory: str | os.PathLike) -> dict[str, list[SeedRun]]:
+    """Every run under ``directory`` by recipe, in whichever layout it holds (``LAYOUTS``): a study,
+    train's ``runs/`` of single runs, one multi-seed ``--out``, or one run directory. A directory
+    with no run in any of them is an error that names what it found and the layouts read."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise StudyError(f"{root}: no such study directory")
+    order = {name: i for i, name in enumerate(RECIPE_NAMES)}
+
+    def ordered(found: dict[str, list[SeedRun]]) -> dict[str, list[SeedRun]]:
+        return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
+    def read(path: Path) -> SeedRun:
+        try:
+            return read_run(path)
+        except RunError as e:
+            raise StudyError(f"{e}") from None
+
+    if (root / "config.json").exists():
+        return ordered(_by_recipe([read(root)]))
+    study = read_study(root)
+    if study:
+        return study
+    flat = [read(d) for d in sorted(root.iterdir()) if d.is_dir() and (d / "config.json").exists()]
+    if flat:
+        return ordered(_by_recipe(flat))
+    entries = sorted(p.name for p in root.iterdir())
+    seen = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise StudyError(
+        f"{root}: no run found (it holds {seen or 'nothing'}); expected one of: " + "; ".join(LAYOUTS)
+    )
+
+
 # --------------------------------------------------------------------------- timing
 
 

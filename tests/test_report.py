@@ -363,3 +363,38 @@ def test_recipes_of_nearly_equal_size_are_drawn_apart_in_size_order():
     assert [xs[i] for i in crowd] == sorted(xs[i] for i in crowd)
     assert len({xs[i] for i in crowd}) == 4
     assert all(x > 0.8 * 7788 and x < 1.2 * 7914 for x in (xs[i] for i in crowd))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "{recipe}/seed-{seed}",  # a study
+        "{recipe}-seed{seed}",  # train's runs/ (the quick start's default --out)
+        "seed-{seed}",  # one train --seeds --out directory
+    ],
+)
+def test_the_report_reads_trains_layouts_too(tmp_path, layout):
+    for seed in (1, 2):
+        out = tmp_path / layout.format(recipe="final", seed=seed)
+        write_fake_run(out, "final", seed, [98.0, 99.0, 99.4, 99.5, 99.5], 30.0)
+    row = table_row(report.render_markdown(tmp_path, tmp_path, tmp_path), "final")
+    assert row[5] == "1-2" and row[6] == "99.50 ± 0.00 (99.50)"
+
+
+def test_one_run_directory_is_a_report_of_one_seed(tmp_path):
+    write_fake_run(tmp_path / "run", "final", 3, [98.0, 99.0, 99.4, 99.5, 99.45], 30.0)
+    row = table_row(report.render_markdown(tmp_path / "run", tmp_path, tmp_path), "final")
+    assert row[5] == "3" and row[6] == "99.45 (one seed)"
+
+
+def test_a_directory_without_runs_or_a_run_that_is_not_there_is_one_line(fake_study, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "empty: no run found (it holds notes.txt); expected one of: <recipe>/seed-<s>/config.json" in err
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["notes.txt"]
+    for named in ("nosuch/seed-9", "final"):
+        assert main(["report", str(fake_study), "--out", str(tmp_path / "f"), "--run", named]) == 2
+        assert f"--run {named}: {fake_study / named} is not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
