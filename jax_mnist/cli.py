@@ -215,19 +215,39 @@ def cmd_show_augment(args) -> None:
     print(f"wrote {args.out}")
 
 
+def with_flags(overrides: dict, args, fields: tuple[str, ...]) -> dict:
+    """``--set`` overrides with the recipe flags given (``--epochs`` ...) on top: a flag wins over
+    ``--set`` of the same field, and when both are given a warning on stderr says which value."""
+    merged = dict(overrides)
+    for field in fields:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field in overrides and _differs(field, overrides[field], value):
+            flag = "--" + field.replace("_", "-")
+            print(
+                f"warning: {flag} {value} and --set {field}={overrides[field]} both set {field}; "
+                f"the flag wins: {field}={value}",
+                file=sys.stderr,
+            )
+        merged[field] = value
+    return merged
+
+
+def _differs(field: str, text: str, value) -> bool:
+    from jax_mnist.recipes import parse_value
+
+    try:
+        return parse_value(field, text) != value
+    except JaxMnistError:  # a bad --set value is reported by the recipe, with its field
+        return True
+
+
 def cmd_train(args) -> None:
     from jax_mnist.recipes import get_recipe, with_overrides
     from jax_mnist.run import seed_dirs, train_seeds
 
-    overrides = parse_set(args.set)
-    for flag, field in (
-        ("epochs", "epochs"),
-        ("batch_size", "batch_size"),
-        ("lr", "lr"),
-        ("validation", "validation"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
+    overrides = with_flags(parse_set(args.set), args, ("epochs", "batch_size", "lr", "validation"))
     recipe = with_overrides(get_recipe(args.recipe), overrides)
     if args.seeds is not None:  # one directory per seed under --out
         seeds = parse_seeds(args.seeds)
@@ -252,10 +272,7 @@ def cmd_search(args) -> None:
     from jax_mnist.recipes import get_recipe, with_overrides
     from jax_mnist.search import make_search, parse_space, run_search
 
-    overrides = parse_set(args.set)
-    for flag in ("epochs", "validation"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
+    overrides = with_flags(parse_set(args.set), args, ("epochs", "validation"))
     base = with_overrides(get_recipe(args.recipe), overrides)
     space = parse_space(base, args.space)
     search = make_search(

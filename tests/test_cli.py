@@ -1,9 +1,10 @@
+import argparse
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from jax_mnist.cli import main
+from jax_mnist.cli import main, with_flags
 from tests.helpers import jax_mnist_command
 
 
@@ -229,3 +230,12 @@ def test_a_closed_pipe_ends_quietly_with_the_shells_status(command, tmp_path):
     err = (tmp_path / "err.txt").read_text()
     assert "Traceback" not in err and "Error" not in err, err
     assert done.stdout.strip() == "141"
+
+
+def test_a_flag_wins_over_set_and_says_so_when_both_are_given(capsys):
+    """`--set epochs=2 --epochs 1`: epochs=1, with a warning; the same value twice says nothing."""
+    args = argparse.Namespace(epochs=1, lr=0.1, batch_size=None)
+    merged = with_flags({"epochs": "2", "lr": "0.10", "degrees": "5"}, args, ("epochs", "lr", "batch_size"))
+    assert merged == {"epochs": 1, "lr": 0.1, "degrees": "5"}
+    err = capsys.readouterr().err
+    assert err == "warning: --epochs 1 and --set epochs=2 both set epochs; the flag wins: epochs=1\n"
