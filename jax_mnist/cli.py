@@ -340,6 +340,8 @@ def cmd_study(args) -> None:
 
     recipes = list(STUDY_ORDER) if not args.recipes else args.recipes
     seeds = parse_seeds(args.seeds)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: is a file, not a study directory")
     if args.dry_run:
         study = read_study(args.out) if Path(args.out).is_dir() else {}
         print(describe_plan(plan(args.out, recipes, seeds, args.max_epochs, args.train_examples), study))
@@ -731,10 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override recipe fields")
     p.add_argument(
         "--seeds",
-        type=whole_number(0),
-        default=0,
+        type=whole_number(2),
         metavar="K",
-        help="also time one epoch of K seeds trained together vs one after another",
+        help="also time one epoch of K >= 2 seeds trained together vs one after another",
     )
     p.add_argument(
         "--seeds-examples",

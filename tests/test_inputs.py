@@ -63,6 +63,7 @@ def test_recipe_fields_are_checked_before_anything_is_written(setting, message, 
         ),
         (["bench", "--steps", "0"], "argument --steps: must be >= 1, found 0"),
         (["bench", "--warmup", "x"], "argument --warmup: takes a whole number, found 'x'"),
+        (["bench", "--seeds", "0"], "argument --seeds: must be >= 2, found 0"),
     ],
 )
 def test_cli_numbers_are_checked(argv, message, capsys):
@@ -288,3 +289,12 @@ def test_an_out_that_is_a_file_is_refused(capsys, mnist_data_dir, tmp_path):
         f"{out}: not a directory",
     )
     assert out.read_text() == "mine"
+
+
+def test_a_study_out_that_is_a_file_is_refused(tmp_path, capsys):
+    """`study --out FILE --dry-run` (or without --dry-run): one line, the file untouched."""
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    assert main(["study", "--out", str(file), "--recipes", "final", "--dry-run"]) == 2
+    assert f"--out {file}: is a file, not a study directory" in capsys.readouterr().err
+    assert file.read_text() == "mine\n"
