@@ -194,9 +194,11 @@ def cmd_data(args) -> None:
 
 def cmd_show_augment(args) -> None:
     from jax_mnist.augment_grid import write_augment_grid
+    from jax_mnist.files import output_path
 
     if Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: show-augment writes a PNG; name a .png file")
+    output_path(args.out, args.force, "augmentation grid")
     if args.scale[0] > args.scale[1]:
         raise UserError(f"--scale MIN MAX: MIN must be <= MAX, found {args.scale[0]} > {args.scale[1]}")
     mnist = load_data(args)
@@ -305,6 +307,10 @@ def cmd_search(args) -> None:
 
 def cmd_bench(args) -> None:
     from jax_mnist.bench import all_header, bench_all, format_result, run_benchmark, write_json
+    from jax_mnist.files import output_path
+
+    if args.json:
+        output_path(args.json, args.force, "benchmark")  # before the minutes of timing
 
     if args.all:
         print(all_header(args.compare_torch), flush=True)
@@ -359,6 +365,7 @@ def cmd_study(args) -> None:
 def cmd_report(args) -> None:
     from jax_mnist.report import (
         DEFAULT_EVALUATED_RUN,
+        FIGURES,
         paste_into,
         pasted_section,
         render_markdown,
@@ -414,8 +421,11 @@ def cmd_report(args) -> None:
             )
         print(f"{readme}: the report section equals the report of {args.study}")
         return
-    from jax_mnist.files import write_atomically
+    from jax_mnist.files import output_paths, write_atomically
 
+    # The report regenerates its own files (report.md and the figures) without --force; a run's
+    # own files and folders are refused, as for every command that writes.
+    output_paths([out / "report.md", *(out / name for name in FIGURES)], True, "report")
     written = write_figures(args.study, out, args.run)
     report_md = write_atomically(
         out / "report.md", render_markdown(args.study, out, out, args.run, args.confirmation)
@@ -448,16 +458,15 @@ def checkpoint_choice(text: str) -> str | int:
 
 
 def cmd_evaluate(args) -> None:
-    from jax_mnist.files import output_path
+    from jax_mnist.files import output_paths
     from jax_mnist.inference import evaluate_run, evaluation_paths, write_evaluation
     from jax_mnist.rundir import load_run
 
     json_path, predictions_path = evaluation_paths(args.run_dir, args.checkpoint)
-    if args.out:
-        predictions_path = Path(args.out)
+    if args.out:  # the two files beside each other, named by --out with their own suffixes
+        predictions_path = Path(args.out).with_suffix(".npz")
         json_path = predictions_path.with_suffix(".json")
-    for path in (predictions_path, json_path):  # checked before any work
-        output_path(path, args.force, "evaluation")
+    output_paths((predictions_path, json_path), args.force, "evaluation")  # before any work
     run = load_run(args.run_dir, args.checkpoint)
     data = load_data(args)
     evaluation = evaluate_run(run, args.checkpoint, data.test_images, data.test_labels)
@@ -574,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-augment", help="PNG grid: test images (left column) and augmented copies")
     add_data_options(p)
     p.add_argument("--out", default="augment.png", help="PNG path (default augment.png)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--images", type=whole_number(1, 10_000), default=8, help="rows: how many test images (1-10000)"
     )
@@ -751,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PyTorch's beside it), as a Markdown table",
     )
     p.add_argument("--json", help="write all figures to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace --json's file if it exists")
     p.set_defaults(func=cmd_bench)
 
     from jax_mnist.study import STUDY_ORDER
@@ -832,8 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument(
         "--out",
-        help="predictions .npz (default RUN_DIR/predictions-<checkpoint>.npz; the figures "
-        "go beside it as .json)",
+        help="where the two files go: --out NAME writes NAME.npz (the predictions) and NAME.json "
+        "(the figures), whatever NAME's suffix (default RUN_DIR/predictions-<checkpoint>.npz and "
+        "RUN_DIR/evaluation-<checkpoint>.json)",
     )
     p.add_argument("--force", action="store_true", help="replace existing output files")
     add_data_options(p)

@@ -77,6 +77,19 @@ def run_directory_of(path: Path) -> Path | None:
     return None
 
 
+def output_paths(paths, force: bool, what: str = "output") -> list[Path]:
+    """The output files of one command, each checked as ``output_path`` does, and never two of them
+    at one path (one would replace the other)."""
+    checked = [output_path(p, force, what) for p in paths]
+    seen: dict[Path, Path] = {}
+    for path in checked:
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise WriteError(f"{path}: two outputs of the {what} would be written there; name another path")
+        seen[key] = path
+    return checked
+
+
 def output_path(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
     """``path`` as a command's output file, checked before the work is done: never a file of a run
     directory (its config, metrics, lock or checkpoints), and an existing file only with ``force``."""

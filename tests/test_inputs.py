@@ -298,3 +298,51 @@ def test_a_study_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert main(["study", "--out", str(file), "--recipes", "final", "--dry-run"]) == 2
     assert f"--out {file}: is a file, not a study directory" in capsys.readouterr().err
     assert file.read_text() == "mine\n"
+
+
+def _fake_run(directory):
+    """A directory that is a run's as far as the output rule goes (a config.json)."""
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "config.json").write_text("{}\n")
+    return directory
+
+
+# Every command that writes a file, with the argv that names its output PATH.
+WRITERS = {
+    "evaluate": lambda run, path: ["evaluate", str(run), "--out", str(path)],
+    "export": lambda run, path: ["export", str(run), str(path), "--to", "pytorch"],
+    "show-augment": lambda run, path: ["show-augment", "--out", str(path)],
+    "bench": lambda run, path: ["bench", "--json", str(path), "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_every_writing_command_keeps_existing_files_and_runs_own(command, tmp_path, capsys):
+    """An existing file is replaced only with --force; a run's own files are refused: one line,
+    exit 2, before any work, the file untouched."""
+    run = _fake_run(tmp_path / "run")
+    suffix = {"show-augment": ".png", "export": ".pt", "bench": ".json", "evaluate": ".npz"}[command]
+    existing = tmp_path / f"mine{suffix}"
+    existing.write_bytes(b"a user's file")
+    assert main(WRITERS[command](run, existing)) == 2
+    assert "exists; pass --force to replace it" in capsys.readouterr().err
+    assert existing.read_bytes() == b"a user's file"
+    inside = run / "checkpoints" / f"x{suffix}"
+    assert main(WRITERS[command](run, inside) + ["--force"]) == 2
+    assert f"is a file of the run directory {run}" in capsys.readouterr().err
+    assert not inside.exists()
+
+
+def test_evaluate_never_writes_its_two_files_to_one_path(tmp_path, capsys):
+    """`evaluate --out x.json`: the predictions go to x.npz and the figures to x.json."""
+    run = _fake_run(tmp_path / "run")
+    (tmp_path / "x.npz").write_bytes(b"mine")
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "x.json")]) == 2
+    assert f"{tmp_path / 'x.npz'}: exists" in capsys.readouterr().err
+
+
+def test_the_report_refuses_a_runs_folder(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    assert main(["report", str(run), "--out", str(run / "checkpoints")]) == 2
+    assert "is a file of the run directory" in capsys.readouterr().err
+    assert list((run / "checkpoints").iterdir()) == []
