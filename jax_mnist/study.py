@@ -65,6 +65,13 @@ def _seed_of(directory: Path) -> int | None:
     return int(number) if prefix == "seed" and number.isdigit() else None
 
 
+def _read(directory: Path) -> RunRecord:
+    try:
+        return read_run(directory)
+    except RunError as e:
+        raise StudyError(f"{e}") from None
+
+
 def read_recipe_runs(recipe_dir: Path) -> list[RunRecord]:
     """The seeds of one recipe directory that have a config, sorted by seed (read only)."""
     runs = []
@@ -72,10 +79,7 @@ def read_recipe_runs(recipe_dir: Path) -> list[RunRecord]:
         seed = _seed_of(directory)
         if seed is None or not (directory / "config.json").exists():
             continue
-        try:
-            run = read_run(directory)
-        except RunError as e:
-            raise StudyError(f"{e}") from None
+        run = _read(directory)
         if run.recipe_name != recipe_dir.name or run.seed != seed:
             raise StudyError(
                 f"{directory}: holds recipe {run.recipe_name!r} seed {run.seed}, but its place in the study "
@@ -91,7 +95,11 @@ def read_study(study_dir: str | os.PathLike) -> dict[str, list[SeedRun]]:
     if not root.is_dir():
         raise StudyError(f"{root}: no such study directory")
     found = {d.name: read_recipe_runs(d) for d in root.iterdir() if d.is_dir()}
-    found = {name: runs for name, runs in found.items() if runs}
+    return _in_registry_order({name: runs for name, runs in found.items() if runs})
+
+
+def _in_registry_order(found: dict[str, list[SeedRun]]) -> dict[str, list[SeedRun]]:
+    """Registered recipes in registry order, then any others by name."""
     order = {name: i for i, name in enumerate(RECIPE_NAMES)}
     return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
@@ -118,25 +126,14 @@ def read_runs(directory: str | os.PathLike) -> dict[str, list[SeedRun]]:
     root = Path(directory)
     if not root.is_dir():
         raise StudyError(f"{root}: no such study directory")
-    order = {name: i for i, name in enumerate(RECIPE_NAMES)}
-
-    def ordered(found: dict[str, list[SeedRun]]) -> dict[str, list[SeedRun]]:
-        return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-
-    def read(path: Path) -> SeedRun:
-        try:
-            return read_run(path)
-        except RunError as e:
-            raise StudyError(f"{e}") from None
-
     if (root / "config.json").exists():
-        return ordered(_by_recipe([read(root)]))
+        return _in_registry_order(_by_recipe([_read(root)]))
     study = read_study(root)
     if study:
         return study
-    flat = [read(d) for d in sorted(root.iterdir()) if d.is_dir() and (d / "config.json").exists()]
+    flat = [_read(d) for d in sorted(root.iterdir()) if d.is_dir() and (d / "config.json").exists()]
     if flat:
-        return ordered(_by_recipe(flat))
+        return _in_registry_order(_by_recipe(flat))
     entries = sorted(p.name for p in root.iterdir())
     seen = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     raise StudyError(
