@@ -49,7 +49,12 @@ def test_each_seed_computes_its_single_seed_run(multi_run, single_runs):
     for seed in SEEDS:
         assert_same_function(single_runs[seed][1], histories[seed])
         if jax.devices()[0].platform == "cpu":  # measured bitwise there (README, 'Several seeds at once')
-            assert numbers(histories[seed]) == numbers(single_runs[seed][1])
+            # ... on jax 0.10.2; jax 0.12.1 sums the losses in another order (1e-7 apart), so the
+            # losses are held to 1e-6 relative and every other number to the bit.
+            for m, a in zip(numbers(histories[seed]), numbers(single_runs[seed][1])):
+                for key in ("train_loss", "test_loss"):
+                    assert m.pop(key) == pytest.approx(a.pop(key), rel=1e-6)
+                assert m == a
     assert numbers(histories[1]) != numbers(histories[2])  # and the seeds differ from each other
 
 
