@@ -18,7 +18,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -30,10 +29,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_mnist import hosts
+from jax_mnist import hosts, library_output
 from jax_mnist.errors import CheckpointError
 from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.recipes import Recipe
+from jax_mnist.schema import SchemaError, check_record
 
 FORMAT = 2  # of the checkpoints written now; 1: one "default" item, digests in digests.json
 
@@ -148,21 +148,6 @@ def fit(like, found):
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs a traceback for every failed restore (and notes for read-only managers); ours
-    says what matters in one line instead."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "orbax.checkpoint")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-@contextlib.contextmanager
 def _stderr_held():
     """Hold what is written to file descriptor 2 (by Python or by C++ threads) while the block runs;
     yields a list that receives it. A failed orbax save prints a traceback per pending write from
@@ -195,8 +180,15 @@ def committed_epochs(directory: Path) -> list[int]:
 
 
 def _first_line(error: BaseException) -> str:
+    """What a library's error says, short: the first line of the error it was raised from (the
+    innermost names the array and the file), without tensorstore's appended dump."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(error).__name__}: {first[:160]}"
 
 
 def _vanished(error: BaseException) -> bool:
@@ -246,7 +238,7 @@ class CheckpointStore:
                     "rest": ocp.StandardCheckpointHandler(),
                     "record": ocp.JsonCheckpointHandler(),
                 }
-            with _quiet_orbax():
+            with library_output.quiet():
                 self._managers[fmt] = ocp.CheckpointManager(
                     self.directory.absolute(),
                     options=ocp.CheckpointManagerOptions(**options),
@@ -261,18 +253,13 @@ class CheckpointStore:
         return 1 if (self.directory / str(epoch) / "default").is_dir() else FORMAT
 
     def record(self, epoch: int) -> dict | None:
-        """The JSON record of a format-2 checkpoint (None for format 1, or when unreadable)."""
-        import orbax.checkpoint as ocp
-
+        """The JSON record of a format-2 checkpoint, checked (None for format 1, or when it is
+        unreadable or malformed)."""
         if self.format(epoch) == 1:
             return None
         try:
-            with _quiet_orbax():
-                restored = self.manager().restore(
-                    epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-                )
-            return dict(restored["record"])
-        except Exception:  # noqa: BLE001  (orbax raises many types; the caller says what is missing)
+            return self._record_of(self.directory / str(epoch), epoch)
+        except CheckpointError:
             return None
 
     def _restore(self, epoch: int, items: dict[str, Any]) -> dict:
@@ -291,7 +278,7 @@ class CheckpointStore:
 
         where = self.directory / str(epoch)
         try:
-            with _quiet_orbax():
+            with library_output.quiet():
                 if "default" in items:
                     return {"default": self.manager(1).restore(epoch, args=target(items["default"]))}
                 args = ocp.args.Composite(**{name: target(like) for name, like in items.items()})
@@ -306,7 +293,7 @@ class CheckpointStore:
         what the current code expects; a difference is a TreeMismatch naming both versions."""
         where = self.directory / str(epoch)
         try:
-            with _quiet_orbax():
+            with library_output.quiet():
                 metadata = self.manager().item_metadata(epoch)
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpoint(f"{where}: unreadable metadata ({_first_line(e)})") from None
@@ -357,10 +344,22 @@ class CheckpointStore:
         return join_state(like, restored["weights"], restored["rest"]), record
 
     def _record_of(self, where: Path, epoch: int) -> dict:
-        record = self.record(epoch)
-        if record is None or not isinstance(record.get("history"), list) or "step" not in record:
-            raise CorruptCheckpoint(f"{where}: its record (history and digests) does not decode")
-        return record
+        """The checked record of a format-2 checkpoint; CorruptCheckpoint when it does not decode
+        or does not hold what jax-mnist writes there (naming the field)."""
+        import orbax.checkpoint as ocp
+
+        try:
+            with library_output.quiet():
+                restored = self.manager().restore(
+                    epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+                )
+            record = restored["record"]
+        except Exception:  # noqa: BLE001  (orbax raises many types)
+            raise CorruptCheckpoint(f"{where}: its record (history and digests) does not decode") from None
+        try:
+            return check_record(f"{where}/record", record)
+        except SchemaError as e:
+            raise CorruptCheckpoint(str(e)) from None
 
     @staticmethod
     def _fit_format_1(where: Path, like, raw, config: dict):
@@ -405,8 +404,9 @@ class CheckpointStore:
         record = {**record, "digests": {name: tree_digest(tree) for name, tree in parts.items()}}
         target = self.directory / str(epoch)
         manager = self.manager()
+        held: list[str] = []
         try:
-            with _quiet_orbax(), _stderr_held() as held:
+            with library_output.quiet(), _stderr_held() as held:
                 manager.reload()
                 if epoch in manager.all_steps():  # the same epoch run again after a fall-back: replace it
                     manager.delete(epoch)
@@ -420,6 +420,8 @@ class CheckpointStore:
             if held[0]:
                 print(held[0], end="", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001  (orbax wraps the OSError in its own types)
+            if held and held[0] and library_output.verbose():  # what tensorstore's threads printed
+                print(held[0], end="", file=sys.stderr, flush=True)
             _remove_unfinished(self.directory, epoch)
             os_error = _os_error_in(e)
             # tensorstore reports a full disk as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
@@ -451,7 +453,7 @@ class CheckpointStore:
         if (self.out / "metrics.jsonl").exists():
             shutil.copy2(self.out / "metrics.jsonl", destination / "metrics.jsonl.at-quarantine")
         write_atomically(destination / "why.txt", why + "\n")
-        with _quiet_orbax():
+        with library_output.quiet():
             for manager in self._managers.values():
                 manager.reload()
         return destination

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_mnist import library_output
 from jax_mnist.errors import JaxMnistError
 
 MAX_SEEDS = 10_000  # a bound on typos: --seeds 1-100000 would plan for minutes
@@ -548,12 +549,19 @@ def cmd_export(args) -> None:
         )
 
 
+VERBOSE_HELP = (
+    "also print what the libraries (orbax, tensorstore, absl) report on a fault jax-mnist handles, "
+    "and the traceback behind an error: detail for a bug report"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import jax_mnist
     from jax_mnist.zoo import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="jax-mnist", description=__doc__)
     parser.add_argument("--version", action="version", version=f"jax-mnist {jax_mnist.__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from jax_mnist.recipes import MAX_EPOCHS, RECIPE_NAMES
@@ -874,6 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.set_defaults(func=cmd_export)
+    for subparser in sub.choices.values():  # also after the subcommand: jax-mnist evaluate RUN --verbose
+        subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -889,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _closed_pipe()
     args.argv = argv
+    library_output.set_verbose(args.verbose)
+    library_output.hide_for_process()
     with _sigterm_as_interrupt():
         code = _run(args)
     if code:
@@ -961,6 +973,7 @@ def _run(args) -> int:
         print(f"jax-mnist {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except JaxMnistError as e:
+        library_output.show_detail(e, "the error below")
         print(f"jax-mnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (AssertionError, RuntimeError):

@@ -66,11 +66,11 @@ def load_teacher(recipe: Recipe, platform: str) -> Teacher | None:
     if not recipe.teacher:
         return None
     from jax_mnist.engine import make_model
-    from jax_mnist.rundir import RunError, load_run
+    from jax_mnist.rundir import load_run
 
     try:
         run = load_run(recipe.teacher, "last")
-    except RunError as e:
+    except JaxMnistError as e:  # not a run, a malformed file, no checkpoint that verifies
         raise TeacherError(f"teacher {recipe.teacher}: {e}") from None
     if not run.finished:
         raise TeacherError(

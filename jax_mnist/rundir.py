@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_mnist import library_output
 from jax_mnist.checkpoints import (
     FORMAT,
     CheckpointStore,
@@ -58,6 +59,7 @@ from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
 from jax_mnist.provenance import code_provenance
 from jax_mnist.recipes import Recipe
+from jax_mnist.schema import check_config, check_metrics_row
 
 MNIST_TRAIN_EXAMPLES = 60_000
 
@@ -163,11 +165,7 @@ def read_metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             raise RunError(f"{path}, line {number}: not JSON: {line[:60]!r}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise RunError(
-                f"{path}, line {number}: expected an epoch row with an integer 'epoch', found {line[:60]!r}"
-            )
-        rows.append(row)
+        rows.append(check_metrics_row(f"{path}, line {number}", row))
     return rows
 
 
@@ -259,12 +257,7 @@ def read_run(out_dir: str | os.PathLike) -> RunRecord:
     config_path = out / "config.json"
     if not config_path.exists():
         raise RunError(f"{out}: not a jax-mnist run directory (no config.json)")
-    config = read_json(config_path)
-    try:
-        Recipe(**config["recipe"])
-        int(config["seed"]), int(config["train_examples"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{config_path}: not a run config of this version of jax-mnist ({e})") from None
+    config = check_config(str(config_path), read_json(config_path))
     return RunRecord(out, config, read_history(out))
 
 
@@ -407,6 +400,7 @@ def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, 
         except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
             if len(candidates) == 1 or checkpoint != "last":
                 raise
+            library_output.show_detail(e, f"the checkpoint of epoch {epoch}")
             warn(f"{e}; skipped (left as it is); trying the checkpoint before it")
     raise RunError(
         f"{store.directory}: no checkpoint that restores and verifies (epochs {epochs}); nothing was changed"
@@ -439,7 +433,7 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
         if resume:
             raise RunError(f"{out}: empty, so nothing to resume (drop --resume to start the run)")
         return None
-    previous = read_json(config_path)
+    previous = check_config(str(config_path), read_json(config_path))
     started = bool(committed_epochs(out / "checkpoints")) or bool(read_metrics(out / "metrics.jsonl"))
     differences = identity_differences({k: previous.get(k) for k in identity}, identity)
     if not started:  # a run that stopped before its first checkpoint: nothing to lose
@@ -529,6 +523,7 @@ class RunDir:
                 found = (epoch, *self.last.restore_state(epoch, like, previous))
                 break
             except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
+                library_output.show_detail(e, f"the checkpoint of epoch {epoch}")
                 unusable.append((epoch, str(e)))
         if found is None and rows:
             raise RunError(

@@ -20,7 +20,6 @@ from jax_mnist.errors import JaxMnistError
 from jax_mnist.recipes import RECIPE_NAMES, Recipe, get_recipe, with_overrides
 from jax_mnist.rundir import (
     MNIST_TRAIN_EXAMPLES,
-    RunError,
     RunRecord,
     identity_differences,
     read_run,
@@ -68,7 +67,7 @@ def _seed_of(directory: Path) -> int | None:
 def _read(directory: Path) -> RunRecord:
     try:
         return read_run(directory)
-    except RunError as e:
+    except JaxMnistError as e:  # RunError, or a malformed file (schema.SchemaError)
         raise StudyError(f"{e}") from None
 
 
