@@ -157,3 +157,24 @@ def test_every_command_on_a_damaged_run(pattern, how, straight_run, mnist_data_d
     if damaged is not None:  # the evidence: the damaged bytes in place, or moved under quarantine/
         kept = [p for p in run.rglob(target.name) if p.is_file() and p.read_bytes() == damaged]
         assert kept, f"the damaged {pattern} is gone"
+
+
+def test_a_truncated_checkpoint_is_one_warning_and_verbose_shows_the_library_detail(
+    straight_run, digit, tmp_path, capfd
+):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[0], run)
+    damage(resolve(run, f"{NEWEST}/weights/ocdbt.process_0/d/*"), "truncated")
+    argv = ["predict", str(run), str(digit)]
+    assert main(argv) == 0
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: {run}/{NEWEST}: unreadable checkpoint (ValueError: "
+    )
+    assert "TensorStore" not in err[0] and "skipped (left as it is)" in err[0]
+    assert main(["--verbose", *argv]) == 0
+    verbose = capfd.readouterr().err
+    assert (
+        f"--- detail of the checkpoint of epoch {SMALL['epochs']} ---" in verbose and "Traceback" in verbose
+    )
+    assert verbose.rstrip().splitlines()[-1].startswith("warning: ")  # the same line, after the detail

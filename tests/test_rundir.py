@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -646,6 +647,54 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_checkpo
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     assert load_run(out).epoch == 1  # the previous checkpoint is intact and verifies
+
+
+@pytest.mark.slow  # trains an epoch
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_disk_full_through_the_cli_is_one_line_though_orbax_threads_log_after_it(
+    verbose, mnist_data_dir, tmp_path, monkeypatch, capfd, caplog
+):
+    """Measured on a 300 KiB tmpfs: after the save fails, orbax's writer thread logs a traceback
+    through absl, and asyncio logs each unretrieved task error; with --verbose they are shown."""
+    import logging
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    late = []
+
+    def fails_then_logs(self, step, *args, **kwargs):
+        def log_later():
+            time.sleep(0.2)
+            logging.getLogger("absl").error(
+                "_SignalingThread.run() raised an exception", exc_info=FULL_DISK[1]
+            )
+            logging.getLogger("asyncio").error("Task exception was never retrieved")
+
+        late.append(threading.Thread(target=log_later))
+        late[-1].start()
+        raise FULL_DISK[1]
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fails_then_logs)
+    out = tmp_path / "full"
+    argv = ["train", "--recipe", "final", "--epochs", "1", "--train-examples", SUBSET, "--out", out]
+    argv += ["--data-dir", mnist_data_dir, "--no-download"] + (["--verbose"] if verbose else [])
+    assert main([str(a) for a in argv]) == 2
+    for thread in late:
+        thread.join()
+    err = capfd.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("jax-mnist train: error:")]
+    assert len(ours) == 1 and "disk full while writing the checkpoint of epoch 1" in ours[0]
+    # pytest's own handler takes the records that reach the root logger (stderr outside pytest)
+    libraries = [r.getMessage() for r in caplog.records if r.name in ("absl", "asyncio")]
+    if verbose:
+        assert libraries == [
+            "_SignalingThread.run() raised an exception",
+            "Task exception was never retrieved",
+        ]
+    else:
+        assert libraries == []
+        assert "_SignalingThread" not in err and "Traceback" not in err and "asyncio" not in err
 
 
 def test_multi_seed_resume_starts_seeds_that_have_not_started(mnist, tmp_path):
