@@ -442,13 +442,8 @@ class CheckpointStore:
     def move_aside(self, epoch: int, why: str) -> Path:
         """Move a checkpoint a training cannot use to ``quarantine/`` (never deleted), with a copy of
         ``metrics.jsonl`` as it was and a note of why."""
-        quarantine = self.out / "quarantine"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        destination, n = quarantine / f"{self.kind}-{epoch}-{stamp}", 1
-        while destination.exists():
-            n += 1
-            destination = quarantine / f"{self.kind}-{epoch}-{stamp}-{n}"
-        quarantine.mkdir(exist_ok=True)
+        destination = self._quarantine_path(f"{self.kind}-{epoch}")
+        destination.parent.mkdir(exist_ok=True)
         os.rename(self.directory / str(epoch), destination)
         if (self.out / "metrics.jsonl").exists():
             shutil.copy2(self.out / "metrics.jsonl", destination / "metrics.jsonl.at-quarantine")
@@ -456,6 +451,22 @@ class CheckpointStore:
         with library_output.quiet():
             for manager in self._managers.values():
                 manager.reload()
+        return destination
+
+    def _quarantine_path(self, name: str) -> Path:
+        """A new path ``quarantine/<name>-<time>[-n]`` (not created)."""
+        quarantine = self.out / "quarantine"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        destination, n = quarantine / f"{name}-{stamp}", 1
+        while destination.exists():
+            n += 1
+            destination = quarantine / f"{name}-{stamp}-{n}"
+        return destination
+
+    def quarantine_folder(self, name: str) -> Path:
+        """A new folder ``quarantine/<name>-<time>`` for other files a training moves aside."""
+        destination = self._quarantine_path(name)
+        destination.mkdir(parents=True)
         return destination
 
     def close(self) -> None:

@@ -527,7 +527,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from jax_mnist.export import export_pytorch, export_stablehlo
+    from jax_mnist.export import export_onnx, export_pytorch, export_stablehlo
     from jax_mnist.files import output_path
     from jax_mnist.rundir import load_run
 
@@ -538,6 +538,13 @@ def cmd_export(args) -> None:
         print(
             f"wrote {args.path}: PyTorch state_dict of {run.recipe.model} ({len(state_dict)} keys), "
             f"epoch {run.epoch} of {run.out}; load it into the original class with load_state_dict"
+        )
+    elif args.to == "onnx":
+        model = export_onnx(run, args.path)
+        print(
+            f"wrote {args.path}: ONNX (opset {model.opset_import[0].version}) of uint8 images 'images' "
+            f"(batch, 28, 28, 1) -> 'log_probabilities' (batch, 10), epoch {run.epoch} of {run.out}; "
+            "run it with onnxruntime.InferenceSession(path).run(None, {'images': images})"
         )
     else:
         exported = export_stablehlo(run, args.path)
@@ -869,16 +876,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
-        "export", help="a run's network as a PyTorch state_dict or a serialized StableHLO function"
+        "export", help="a run's network as a PyTorch state_dict, a serialized StableHLO function or ONNX"
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by jax-mnist train")
     p.add_argument(
         "--to",
         required=True,
-        choices=("pytorch", "stablehlo"),
-        help="pytorch: a state_dict for the original class; stablehlo: a jax.export file",
+        choices=("pytorch", "stablehlo", "onnx"),
+        help="pytorch: a state_dict for the original class; stablehlo: a jax.export file; onnx: an "
+        "ONNX model for onnxruntime (needs the onnx extra: pip install 'jax-mnist[onnx]')",
     )
-    p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo)")
+    p.add_argument("path", metavar="PATH", help="file to write (e.g. model.pt, model.stablehlo, model.onnx)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="last", help=checkpoint_help)
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.set_defaults(func=cmd_export)

@@ -22,6 +22,7 @@ Content = str | bytes | Callable[[IO[bytes]], None]
 # What a run directory holds (jax_mnist.rundir): no command's output may replace these.
 RUN_FILES = ("config.json", "metrics.jsonl", "digests.json", ".lock")
 RUN_FOLDERS = ("checkpoints", "best", "quarantine")
+RUN_FILE_PREFIXES = ("events.out.tfevents.",)  # TensorBoard's event files (jax_mnist.events)
 
 
 class WriteError(JaxMnistError):
@@ -71,7 +72,10 @@ def run_directory_of(path: Path) -> Path | None:
     for parent in [path.parent, *path.parents]:
         if (parent / "config.json").is_file():
             inside = path.relative_to(parent).parts
-            if inside and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
+            own_file = len(inside) == 1 and (
+                inside[0] in RUN_FILES or inside[0].startswith(RUN_FILE_PREFIXES)
+            )
+            if inside and (inside[0] in RUN_FOLDERS or own_file):
                 return parent
             return None
     return None

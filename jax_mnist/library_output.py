@@ -15,10 +15,12 @@ import contextlib
 import logging
 import sys
 import traceback
+import warnings
 
 # The loggers that print the libraries' detail: orbax (through absl and its own), tensorstore's
-# Python layer, asyncio's unretrieved task errors, concurrent.futures' worker errors.
-LIBRARY_LOGGERS = ("absl", "orbax", "tensorstore", "asyncio", "concurrent.futures")
+# Python layer, asyncio's unretrieved task errors, concurrent.futures' worker errors, jax2onnx's
+# plugins that do not load (a traceback each, on import) and onnx_ir's notes on its constants.
+LIBRARY_LOGGERS = ("absl", "orbax", "tensorstore", "asyncio", "concurrent.futures", "jax2onnx", "onnx_ir")
 
 _state = {"verbose": False, "hidden": False}
 
@@ -46,6 +48,8 @@ def hide_for_process() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     if not _state["hidden"]:
         sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+        # orbax's reads abandoned on a failure leave coroutines that Python warns were never awaited
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     _state["hidden"] = True
 
 

@@ -12,8 +12,10 @@ Layout (one seed):
   rename commits the epoch: its metrics row and its weights become visible together;
 - ``metrics.jsonl``: one JSON object per committed epoch, rewritten after each commit (a copy of
   the newest record's history, for readers that read no checkpoint);
-- ``best/<epoch>/``: the same, of the epoch with the best test accuracy so far (validation
-  accuracy in a run with a validation split);
+- ``events.out.tfevents.epoch-<N>.jax-mnist``: TensorBoard's event file of each committed epoch
+  (``jax_mnist.events``), written after ``metrics.jsonl``;
+- ``best/<epoch>/``: a checkpoint as in ``checkpoints/``, of the epoch with the best test
+  accuracy so far (validation accuracy in a run with a validation split);
 - ``quarantine/``: checkpoints a training could not use (bytes that fail their digest or do
   not decode), moved there with the ``metrics.jsonl`` of that moment, never deleted;
 - ``.lock``: locked (``fcntl.flock``) by the process training in the directory; the pid inside
@@ -45,7 +47,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_mnist import library_output
+from jax_mnist import events, library_output
 from jax_mnist.checkpoints import (
     FORMAT,
     CheckpointStore,
@@ -157,6 +159,8 @@ def read_metrics(path: Path) -> list[dict]:
         text = path.read_text()
     except OSError as e:
         raise RunError(f"{path}: unreadable ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not text (byte {e.start} is not UTF-8)") from None
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -464,6 +468,7 @@ class RunDir:
         self.start_epoch = 0
         self.state = None  # the restored state of start_epoch (None: start from the seed's init)
         self.local = local  # False: a process of a multi-process run that holds no files
+        self.recipe_fields: dict | None = None  # the hparams of the TensorBoard events
         self.last = CheckpointStore(self.out, "checkpoints", writable=True, keep=2) if local else None
         self.best = CheckpointStore(self.out, "best", writable=True, keep=1) if local else None
 
@@ -487,6 +492,7 @@ class RunDir:
             raise RunError(f"{out}: cannot create the run directory ({e.strerror})") from None
         with locked(out):
             run = cls(seed, out, log)
+            run.recipe_fields = identity["recipe"]
             try:
                 if previous is None:  # a new run (or one that stopped before its first checkpoint)
                     for leftover in ("metrics.jsonl", "digests.json"):  # they record no epoch
@@ -547,12 +553,14 @@ class RunDir:
                 f"{epoch} recorded: nothing was changed; restore the file, or start the run again in "
                 "another --out"
             )
+        moved = {}
         for bad, why in unusable:
-            moved = self.last.move_aside(bad, why)
-            self.log(f"warning: {why}; moved to {moved}; continuing from the checkpoint before it")
+            moved[bad] = self.last.move_aside(bad, why)
+            self.log(f"warning: {why}; moved to {moved[bad]}; continuing from the checkpoint before it")
         self.start_epoch, self.state, self.history = epoch, state, list(history)
         if rows != history:  # a commit whose metrics.jsonl was not rewritten yet, or epochs to run again
             write_metrics(self.out / "metrics.jsonl", history)
+        self._align_events(moved)
         if previous.get("recipe") != identity["recipe"]:  # extended to more epochs (check_run_dir allowed it)
             write_atomically(
                 self.out / "config.json",
@@ -566,6 +574,24 @@ class RunDir:
             and epoch not in self.best.epochs()
         ):
             self.best.save(epoch, state, self._record(epoch, state))  # stopped between the two saves
+
+    def _align_events(self, moved: dict[int, Path]) -> None:
+        """The TensorBoard event files mirror the history: the file of an epoch after it (to be
+        trained again) moves next to its quarantined checkpoint (``moved``), or to
+        ``quarantine/events-<time>/``; a committed epoch without a file gets it."""
+        aside = None
+        for epoch, path in events.event_files(self.out).items():
+            if epoch > len(self.history):
+                if epoch not in moved and aside is None:
+                    aside = self.last.quarantine_folder("events")
+                os.rename(path, moved.get(epoch, aside) / path.name)
+        have = events.event_files(self.out)
+        for row in self.history:
+            if row["epoch"] not in have:
+                events.write_epoch(self.out, row, self._hparams(row))
+
+    def _hparams(self, row: dict) -> dict | None:
+        return self.recipe_fields if row["epoch"] == 1 else None
 
     def _record(self, epoch: int, state) -> dict:
         return {
@@ -588,6 +614,7 @@ class RunDir:
         if best:
             self.best.save(row["epoch"], state, record)
         write_metrics(self.out / "metrics.jsonl", self.history)
+        events.write_epoch(self.out, row, self._hparams(row))
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -52,6 +53,7 @@ def _rf_kernel_stride(layer: LayerSpec, input_hw: int) -> tuple[int, int]:
     return 1, 1
 
 
+@functools.cache  # a network's summary never changes; the report asks for each model several times
 def summarize(name: str) -> Summary:
     """Per-layer name, kind, output shape, parameter count and receptive field (computed)."""
     model = get_model(name)

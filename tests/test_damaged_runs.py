@@ -1,10 +1,14 @@
 """A damaged run never crashes a command (issue 29): for each file of a run and each way it can be
-damaged, evaluate, predict, export, report and train --resume end with status 0 or 2, print the
-project's lines only (no traceback, no library dump), and the readers leave every byte of the run
-as it was; a resume may move a checkpoint to quarantine/, never lose its bytes.
+damaged, the commands that read that file (evaluate, predict, export, report, train --resume) end
+with status 0 or 2, print the project's lines only (no traceback, no library dump), and the
+readers leave every byte of the run as it was; a resume may move a checkpoint to quarantine/,
+never lose its bytes.
 
 The files: the run's own (config.json, metrics.jsonl) and every file of its newest checkpoint
 (what "last" readers and --resume read), one of orbax's data chunks standing for all of them.
+Which command reads which file (``READERS``) is itself tested: report reads no checkpoint, and
+evaluate, predict and export read no checkpoint's ``rest`` item (the optimizer state), so each
+runs where a damage can reach it (the whole sweep takes minutes, not a quarter of an hour).
 """
 
 import ast
@@ -66,6 +70,18 @@ CASES = [
     *((f, "wrong shape") for f in JSON_FILES),
     *((f, f"{field}={value!r}") for f, field, value in WRONG_FIELDS),
 ]
+COMMANDS = ("evaluate", "predict", "export", "report", "train --resume")
+
+
+def readers(pattern: str) -> tuple[str, ...]:
+    """The commands that read the file ``pattern`` names (test_readers_of_a_checkpoint_... below)."""
+    if pattern in ("config.json", "metrics.jsonl"):
+        return COMMANDS
+    if "/rest/" in pattern:  # the optimizer state: a resume alone restores it
+        return ("predict", "train --resume")  # predict: one reader, to show that it is not read
+    return ("evaluate", "predict", "export", "train --resume")
+
+
 # What the project itself prints on stderr; anything else (a traceback, a library's log) fails.
 OWN_LINES = ("warning: ", "jax-mnist ", "[jax_mnist.data] ", "training ", "epoch ")
 
@@ -147,6 +163,8 @@ def test_every_command_on_a_damaged_run(pattern, how, straight_run, mnist_data_d
     damaged = None if how == "missing" else target.read_bytes()
     before = snapshot(run)
     for name, argv in commands(run, tmp_path, mnist_data_dir, digit).items():
+        if name not in readers(pattern):
+            continue
         code = main([str(a) for a in argv])
         err = capfd.readouterr().err
         foreign = [line for line in err.splitlines() if line.strip() and not line.startswith(OWN_LINES)]
@@ -154,7 +172,7 @@ def test_every_command_on_a_damaged_run(pattern, how, straight_run, mnist_data_d
         assert not foreign, f"{name}: printed what is not the project's:\n{err}"
         if name != "train --resume":
             assert snapshot(run) == before, f"{name} changed the run"
-    if damaged is not None:  # the evidence: the damaged bytes in place, or moved under quarantine/
+    if damaged:  # the evidence (an empty file holds none): the damaged bytes in place, or under quarantine/
         kept = [p for p in run.rglob(target.name) if p.is_file() and p.read_bytes() == damaged]
         assert kept, f"the damaged {pattern} is gone"
 
@@ -178,3 +196,36 @@ def test_a_truncated_checkpoint_is_one_warning_and_verbose_shows_the_library_det
         f"--- detail of the checkpoint of epoch {SMALL['epochs']} ---" in verbose and "Traceback" in verbose
     )
     assert verbose.rstrip().splitlines()[-1].startswith("warning: ")  # the same line, after the detail
+
+
+def test_readers_of_a_checkpoint_read_neither_its_rest_nor_report_any_checkpoint(
+    straight_run, mnist_data_dir, digit, tmp_path, capsys
+):
+    """What ``readers`` relies on: with every checkpoint's rest/ item removed, evaluate, predict and
+    export give what they give on the whole run; with no checkpoint at all, report does."""
+
+    def outputs(run, names):
+        """What each command prints and writes, the run's path taken out."""
+        out = tmp_path / "outputs" / run.name
+        out.mkdir(parents=True, exist_ok=True)
+        found = {}
+        for name, argv in commands(run, out, mnist_data_dir, digit).items():
+            if name in names:
+                assert main([str(a) for a in argv]) == 0
+                found[name] = capsys.readouterr().out.replace(str(run), "RUN").replace(str(out), "OUT")
+        written = [out / "evaluation.json", out / "report" / "report.md"]
+        found.update({p.name: p.read_text().replace(str(run), "RUN") for p in written if p.exists()})
+        return found
+
+    whole, without_rest, without_checkpoints = (tmp_path / n for n in ("whole", "no-rest", "no-checkpoints"))
+    for run in (whole, without_rest, without_checkpoints):
+        shutil.copytree(straight_run[0], run)
+    for rest in without_rest.glob("*/*/rest"):
+        shutil.rmtree(rest)
+    for folder in ("checkpoints", "best"):
+        shutil.rmtree(without_checkpoints / folder)
+    readers_of_weights = ("evaluate", "predict", "export")
+    assert outputs(without_rest, readers_of_weights) == outputs(whole, readers_of_weights)
+    report = ("report", "report.md")  # what report prints and writes
+    reported = [outputs(run, ("report",)) for run in (without_checkpoints, whole)]
+    assert [{k: found[k] for k in report} for found in reported] == [{k: reported[1][k] for k in report}] * 2

@@ -572,6 +572,7 @@ def test_outputs_never_land_on_a_runs_files_and_never_replace_without_force(
         ["evaluate", out, "--out", out / "checkpoints" / "x.npz", *data],
         ["export", out, "--to", "pytorch", out / "config.json"],
         ["export", out, "--to", "stablehlo", out / "metrics.jsonl"],
+        ["export", out, "--to", "onnx", out / "events.out.tfevents.epoch-00001.jax-mnist", "--force"],
     ):
         code, _, err = cli(argv, capsys)
         assert code == 2 and "is a file of the run directory" in err and len(err.strip().splitlines()) == 1, (
@@ -733,3 +734,36 @@ def test_a_flipped_byte_under_a_new_tree_is_reported_as_a_mismatch_not_deleted(f
     finally:
         store.close()
     assert checkpoints.committed_epochs(out / "checkpoints") == [2, 3]
+
+
+def tensorboard_steps(out) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard reads from a run directory: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(out))
+    accumulator.Reload()
+    return {t: [(e.step, e.value) for e in accumulator.Scalars(t)] for t in accumulator.Tags()["scalars"]}
+
+
+def assert_events_mirror_metrics(out) -> None:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    read = tensorboard_steps(out)
+    for tag, key in [("train/loss", "train_loss"), ("test/accuracy", "test_accuracy"), ("lr", "lr")]:
+        assert read[tag] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows]  # every epoch once
+
+
+def test_tensorboard_events_mirror_the_history_through_quarantine_backfill_and_extension(finished, mnist):
+    from jax_mnist.events import event_file
+
+    out, history = finished
+    assert_events_mirror_metrics(out)
+    flip_a_byte(out / "checkpoints" / "3")
+    written_for_epoch_3 = event_file(out, 3).read_bytes()
+    run(out, mnist, resume=True)  # epoch 3 is trained again
+    assert_events_mirror_metrics(out)
+    (moved,) = (out / "quarantine").iterdir()
+    assert (moved / event_file(out, 3).name).read_bytes() == written_for_epoch_3  # beside its checkpoint
+    event_file(out, 2).unlink()  # as if killed between the commit of epoch 2 and its event file
+    run(out, mnist, resume=True, recipe={"epochs": 4})  # extended by one epoch
+    assert_events_mirror_metrics(out)
+    assert sorted(p.name for p in out.glob("events.out.tfevents.*"))[-1] == event_file(out, 4).name
