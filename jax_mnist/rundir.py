@@ -437,11 +437,12 @@ def check_run_dir(out: Path, identity: dict, resume: bool, schedule: str) -> dic
         if resume:
             raise RunError(f"{out}: empty, so nothing to resume (drop --resume to start the run)")
         return None
-    previous = check_config(str(config_path), read_json(config_path))
+    previous = read_json(config_path)
     started = bool(committed_epochs(out / "checkpoints")) or bool(read_metrics(out / "metrics.jsonl"))
-    differences = identity_differences({k: previous.get(k) for k in identity}, identity)
-    if not started:  # a run that stopped before its first checkpoint: nothing to lose
+    if not started:  # a run that stopped before its first checkpoint: nothing to lose, whatever its config
         return None
+    check_config(str(config_path), previous)
+    differences = identity_differences({k: previous.get(k) for k in identity}, identity)
     extending = set(differences) <= _EXTENDABLE and schedule != "onecycle"
     if differences and not (extending and differences["recipe.epochs"][1] >= differences["recipe.epochs"][0]):
         listed = "; ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differences.items())

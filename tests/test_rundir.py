@@ -508,6 +508,9 @@ def test_a_kill_at_any_point_of_an_epochs_commit_resumes_bitwise(
     assert numbers(resumed) == numbers(history)
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(out), final_params(out_straight))
     assert (out / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in resumed)
+    assert_events_mirror_metrics(
+        out
+    )  # TensorBoard sees every epoch once ("after metrics.jsonl": before its events)
     assert load_run(out, "best").epoch == 1 + int(np.argmax([r["test_accuracy"] for r in resumed]))
     assert not [p for p in (out / "checkpoints").iterdir() if not p.name.isdigit()]  # no temporary left
 
