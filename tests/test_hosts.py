@@ -64,9 +64,11 @@ def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tupl
 
 
 # Gloo's connection messages, written by its own threads: two ranks of one process can
-# interleave theirs mid-line ("[Gloo] Rank [Gloo] Rank 2 is connected ...\n3 is connected ...").
+# interleave theirs mid-line ("[Gloo] Rank [Gloo] Rank 2 is connected ...\n3 is connected ...",
+# or, seen in CI, "[Gloo] Rank \n2\n is connected ...": a line break between the rank and the rest).
 GLOO_MESSAGE = re.compile(
-    r"\[Gloo\] Rank\s*|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+"
+    r"\[Gloo\] Rank\s*"
+    r"|\d+\s*is connected to \d+ peer ranks\.\s*Expected number of connected peer ranks is : \d+"
 )
 
 
