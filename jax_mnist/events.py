@@ -61,15 +61,14 @@ def _events(row: dict, recipe: dict | None, wall_time: float) -> list:
     from tensorboardX.proto.summary_pb2 import Summary
     from tensorboardX.summary import hparams, scalar
 
-    epoch = int(row["epoch"])
+    epoch, tags = int(row["epoch"]), scalars(row)
     events = [Event(wall_time=wall_time, step=epoch, file_version="brain.Event:2")]
     if recipe is not None:  # the hparams plugin's experiment and session: the recipe's fields
-        tags = scalars(row)
         experiment, session_start, _ = hparams(
             {k: v for k, v in recipe.items() if v is not None}, {k: tags[k] for k in tags if "/" in k}
         )
         events += [Event(wall_time=wall_time, step=epoch, summary=s) for s in (experiment, session_start)]
-    values = [v for tag, number in scalars(row).items() for v in scalar(tag, float(number)).value]
+    values = [v for tag, number in tags.items() for v in scalar(tag, float(number)).value]
     events.append(Event(wall_time=wall_time, step=epoch, summary=Summary(value=values)))
     return events
 

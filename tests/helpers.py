@@ -21,6 +21,22 @@ def small_recipe(**extra):
     return with_overrides(get_recipe("final"), {**SMALL, **extra})
 
 
+def snapshot(directory):
+    """Every file under ``directory`` with its bytes: to show that nothing was changed."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard's own reader finds in ``directory``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory))
+    accumulator.Reload()
+    return {t: [(e.step, e.value) for e in accumulator.Scalars(t)] for t in accumulator.Tags()["scalars"]}
+
+
 def numbers(history):
     return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
 

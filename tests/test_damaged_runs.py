@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from jax_mnist.cli import main
-from tests.helpers import SMALL, SUBSET
+from tests.helpers import SMALL, SUBSET, snapshot
 
 pytestmark = pytest.mark.slow  # trains (the session's run) and runs five commands per damaged copy
 
@@ -124,12 +124,6 @@ def damage(path, how: str) -> None:
             document = json.loads(raw)
             set_field(document, field, value)
             path.write_text(json.dumps(document))
-
-
-def snapshot(directory):
-    return {
-        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
-    }
 
 
 def commands(run, tmp_path, data_dir, image):

@@ -4,6 +4,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jax_mnist import events
+from tests.helpers import tensorboard_scalars
 
 ROWS = [
     {
@@ -26,20 +27,11 @@ RECIPE = {
 }
 
 
-def scalars_by_tag(directory):
-    """tag -> [(step, value)], as TensorBoard reads the directory."""
-    accumulator = EventAccumulator(str(directory))
-    accumulator.Reload()
-    return {
-        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
-    }
-
-
 def test_each_epoch_is_read_back_as_written(tmp_path):
     for row in ROWS:
         events.write_epoch(tmp_path, row, RECIPE if row["epoch"] == 1 else None)
     assert sorted(events.event_files(tmp_path)) == [1, 2, 3]
-    read = scalars_by_tag(tmp_path)
+    read = tensorboard_scalars(tmp_path)
     assert set(read) == {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "epoch_seconds"}
     for tag, key in [("train/loss", "train_loss"), ("test/accuracy", "test_accuracy"), ("lr", "lr")]:
         assert read[tag] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in ROWS]
@@ -48,7 +40,7 @@ def test_each_epoch_is_read_back_as_written(tmp_path):
 def test_a_screening_rows_validation_figures_and_the_recipe_as_hparams(tmp_path):
     row = {k.replace("test_", "val_"): v for k, v in ROWS[0].items()}
     events.write_epoch(tmp_path, row, RECIPE)
-    assert {"val/loss", "val/accuracy"} <= set(scalars_by_tag(tmp_path))
+    assert {"val/loss", "val/accuracy"} <= set(tensorboard_scalars(tmp_path))
     accumulator = EventAccumulator(str(tmp_path))
     accumulator.Reload()
     plugins = accumulator.PluginTagToContent("hparams")

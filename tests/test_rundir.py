@@ -22,16 +22,9 @@ from jax_mnist.cli import main
 from jax_mnist.files import WriteError, write_atomically
 from jax_mnist.run import train, train_seeds
 from jax_mnist.rundir import RunError, load_run, locked
-from tests.helpers import SUBSET, final_params, numbers, small_recipe, spawn
+from tests.helpers import SUBSET, final_params, numbers, small_recipe, snapshot, spawn, tensorboard_scalars
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"  # epochs 1-2 of small_recipe(), seed 1, old format
-
-
-def snapshot(directory):
-    """Every file under ``directory`` with its bytes: to show that nothing was changed."""
-    return {
-        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -739,18 +732,9 @@ def test_a_flipped_byte_under_a_new_tree_is_reported_as_a_mismatch_not_deleted(f
     assert checkpoints.committed_epochs(out / "checkpoints") == [2, 3]
 
 
-def tensorboard_steps(out) -> dict[str, list[tuple[int, float]]]:
-    """What TensorBoard reads from a run directory: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(out))
-    accumulator.Reload()
-    return {t: [(e.step, e.value) for e in accumulator.Scalars(t)] for t in accumulator.Tags()["scalars"]}
-
-
 def assert_events_mirror_metrics(out) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    read = tensorboard_steps(out)
+    read = tensorboard_scalars(out)
     for tag, key in [("train/loss", "train_loss"), ("test/accuracy", "test_accuracy"), ("lr", "lr")]:
         assert read[tag] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows]  # every epoch once
 
