@@ -25,22 +25,35 @@ Data are random uint8 images of MNIST's shape: the timings do not depend on pixe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jax_mnist import host_memory
+from jax_mnist.engine import ProgramConfig, programs_for
 from jax_mnist.files import write_atomically
-from jax_mnist.recipes import get_recipe, with_overrides
+from jax_mnist.recipes import RECIPES, get_recipe, with_overrides
+from jax_mnist.run import evaluate_seeds, train_epoch
+from jax_mnist.rundir import load_teacher
 from jax_mnist.zoo import ORIGINAL_MODEL_NAMES
+
+try:
+    import resource  # page faults: Unix only
+except ImportError:
+    resource = None
 
 # jax.monitoring events: one per function traced (also when the persistent cache then serves
 # the executable), one per executable XLA actually compiles.
@@ -83,9 +96,7 @@ def _spread(seconds: list[float]) -> dict[str, float]:
 
 
 def _page_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on Unix
+    if resource is None:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -115,9 +126,8 @@ print(json.dumps(time.perf_counter() - start))
 
 
 def _programs(recipe, num_examples: int = 60_000, seeds: int = 1):
-    from jax_mnist.engine import ProgramConfig, programs_for
-
-    return programs_for(ProgramConfig(recipe, num_examples, seeds))
+    teacher = load_teacher(recipe, jax.devices()[0].platform)  # None unless the recipe distils
+    return programs_for(ProgramConfig(recipe, num_examples, seeds), teacher)
 
 
 def _chunk_args(programs, seeds: list[int], train_set):
@@ -137,10 +147,6 @@ def compile_chunk(recipe, num_examples: int = 60_000):
 
 def _compile_in_subprocess(recipe, cache_dir: str) -> float:
     """Seconds to lower and compile the epoch-chunk program in a fresh process using ``cache_dir``."""
-    import dataclasses
-    import subprocess
-    import sys
-
     env = dict(
         os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
     )
@@ -194,8 +200,6 @@ def bench_jax(
     """The programs training runs, for one seed: compile of the epoch-chunk program, its time per
     step (one step a call, and a tenth of an epoch a call, as training calls it), the evaluation
     program's throughput and, with ``epoch``, a whole epoch through ``run.train_epoch``."""
-    from jax_mnist.run import evaluate_seeds, train_epoch
-
     recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
     rng = np.random.default_rng(0)
     result: dict = {
@@ -255,8 +259,6 @@ def bench_seeds(
 ) -> dict:
     """One epoch of ``seeds`` seeds trained together (one program) against the same seeds
     trained one after another, each way warmed up first (compiled), plus each program's memory."""
-    from jax_mnist.run import train_epoch
-
     recipe = with_overrides(get_recipe(recipe_name), {"batch_size": batch_size, **(overrides or {})})
     together, alone = list(range(1, seeds + 1)), [[s] for s in range(1, seeds + 1)]
     programs_together, programs_alone = (
@@ -329,9 +331,6 @@ def run_benchmark(
     seeds: int = 0,
     seeds_examples: int = 60_000,
 ) -> dict:
-    import flax
-    import optax
-
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -414,8 +413,6 @@ def format_result(result: dict) -> str:
 def bench_all(steps: int = 10, compare_torch: bool = True, log=print) -> list[dict]:
     """Every registered recipe at its own batch size: time per step of the epoch-chunk program
     (a tenth of an epoch a call) and, with ``compare_torch``, PyTorch eager's step beside it."""
-    from jax_mnist.recipes import RECIPES
-
     rows = []
     for name, recipe in RECIPES.items():
         programs = _programs(recipe)

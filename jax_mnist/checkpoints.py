@@ -22,17 +22,21 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
+import optax
 
+import jax_mnist
 from jax_mnist import hosts, library_output
 from jax_mnist.errors import CheckpointError
 from jax_mnist.files import WriteError, write_atomically
-from jax_mnist.recipes import Recipe
 from jax_mnist.schema import SchemaError, check_record
 
 FORMAT = 2  # of the checkpoints written now; 1: one "default" item, digests in digests.json
@@ -56,11 +60,6 @@ class CheckpointVanished(CheckpointError):
 
 def versions() -> dict[str, str]:
     """What a run directory records of the software that wrote it."""
-    import flax
-    import optax
-
-    import jax_mnist
-
     return {
         "jax_mnist": jax_mnist.__version__,
         "python": platform.python_version(),
@@ -153,8 +152,6 @@ def _stderr_held():
     yields a list that receives it. A failed orbax save prints a traceback per pending write from
     tensorstore's threads; the caller reports the failure in one line instead, and replays the
     text when the block succeeded."""
-    import tempfile
-
     sys.stderr.flush()
     held: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as sink:
@@ -306,8 +303,13 @@ class CheckpointStore:
             if differences:
                 raise mismatch(where, name, differences, wrote)
 
-    def restore_weights(self, epoch: int, like: dict, config: dict) -> tuple[dict, int]:
-        """``({'params', 'batch_stats'}, optimizer step)`` of ``epoch``, verified; read only."""
+    def restore_weights(
+        self, epoch: int, like: dict, config: dict, state_like: Callable[[], Any]
+    ) -> tuple[dict, int]:
+        """``({'params', 'batch_stats'}, optimizer step)`` of ``epoch``, verified; read only.
+
+        ``like``: the weights' tree; ``state_like()``: the whole train state's, which a checkpoint of
+        format 1 needs (its digest covers the typed train state), asked for only then."""
         where = self.directory / str(epoch)
         if self.format(epoch) == 1:
             raw = self._restore(epoch, {"default": None})["default"]
@@ -318,7 +320,7 @@ class CheckpointStore:
             except ValueError as e:
                 raise mismatch(where, "weights", str(e).split("; "), config.get("versions", {})) from None
             # Its digest covers the whole typed train state: rebuild it to check the digest.
-            self._verify_format_1(epoch, self._fit_format_1(where, train_state_like(config), raw, config))
+            self._verify_format_1(epoch, self._fit_format_1(where, state_like(), raw, config))
             return weights, int(np.asarray(raw.get("step", 0)))
         record = self._record_of(where, epoch)
         self._check_fits(epoch, {"weights": like}, record.get("versions", {}))
@@ -473,17 +475,6 @@ class CheckpointStore:
         for manager in self._managers.values():
             manager.close()
         self._managers.clear()
-
-
-def train_state_like(config: dict):
-    """The train state's shapes and dtypes for a run config (its network and optimizer)."""
-    from jax_mnist.engine import init_state, make_optimizer, steps_per_epoch
-    from jax_mnist.zoo import get_model
-
-    recipe = Recipe(**config["recipe"])
-    tx = make_optimizer(recipe, steps_per_epoch(int(config["train_examples"]), recipe.batch_size))
-    model = get_model(recipe.model)
-    return jax.eval_shape(lambda key: init_state(model, tx, key, ema=recipe.ema > 0), jax.random.key(0))
 
 
 def mismatch(where: Path, item: str, differences: list[str], wrote: dict) -> TreeMismatch:

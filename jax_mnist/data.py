@@ -21,14 +21,19 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import importlib.resources
 import io
 import json
+import logging
 import os
+import socket
+import sys
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -94,8 +99,6 @@ def validation_digest(num_train: int, validation: int) -> str:
 
 
 def _say(message: str) -> None:
-    import sys
-
     print(f"[jax_mnist.data] {message}", file=sys.stderr, flush=True)
 
 
@@ -114,8 +117,6 @@ CONTENT_SHA256 = {
 
 def registered_checksums() -> dict[str, str]:
     """File name -> sha256, as tensorflow-datasets registers them for ``mnist``."""
-    import importlib.resources
-
     text = (importlib.resources.files("tensorflow_datasets") / "url_checksums" / "mnist.txt").read_text()
     sums = {}
     for line in text.splitlines():
@@ -264,9 +265,6 @@ def _decode_with_data_source(data_dir: Path) -> Mnist:
 def _quiet_tfds():
     """tfds' progress bars only on a terminal, its stdout banner and absl warnings (OpenCV missing:
     PIL decodes instead) out of the user's way; every setting is put back afterwards."""
-    import logging
-    import sys
-
     from tensorflow_datasets.core.utils import tqdm_utils
 
     absl = logging.getLogger("absl")
@@ -312,9 +310,6 @@ def _tfds_download(data_dir: Path) -> None:
 
 def _network_reachable(timeout: float = 3.0) -> str | None:
     """None if the host tfds downloads MNIST from answers within ``timeout`` s, else why not."""
-    import socket
-    from urllib.parse import urlparse
-
     from tensorflow_datasets.image_classification import mnist
 
     host = urlparse(mnist._MNIST_URL).hostname

@@ -11,6 +11,8 @@ pass is inside the student's step, and its own training is a run of its own.
 
 A screening run (``validation`` N > 0) takes only a teacher that held out the same N examples,
 so nothing it scores on reached the student through the teacher.
+
+Here is the math only; reading a teacher's run directory is ``jax_mnist.rundir.load_teacher``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist.errors import JaxMnistError
-from jax_mnist.recipes import Recipe
 
 
 class TeacherError(JaxMnistError, ValueError):
     """A teacher run that cannot teach this recipe (missing, unfinished, or it saw the validation split)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Teacher:
+    """A loaded teacher (``jax_mnist.rundir.load_teacher`` reads one from its run directory)."""
+
     model: Any  # the teacher's S7Net
     variables: dict  # its {'params', 'batch_stats'} (host arrays)
     record: dict  # what a student's config.json states about it
+
+    def _key(self) -> tuple:
+        return (self.model, tuple(sorted(self.record.items())))
+
+    # Equal teachers (same network, same run, epoch and weights digest) share compiled programs.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Teacher) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def log_probabilities(self, images: jax.Array) -> jax.Array:
         """The teacher's log-probabilities of normalised images (eval mode, no gradient)."""
@@ -59,39 +72,3 @@ def weights_digest(variables: dict) -> str:
     for leaf in jax.tree_util.tree_leaves(variables):
         digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return digest.hexdigest()
-
-
-def load_teacher(recipe: Recipe, platform: str) -> Teacher | None:
-    """The teacher ``recipe`` names (None when it names none), checked and verified (read only)."""
-    if not recipe.teacher:
-        return None
-    from jax_mnist.engine import make_model
-    from jax_mnist.rundir import load_run
-
-    try:
-        run = load_run(recipe.teacher, "last")
-    except JaxMnistError as e:  # not a run, a malformed file, no checkpoint that verifies
-        raise TeacherError(f"teacher {recipe.teacher}: {e}") from None
-    if not run.finished:
-        raise TeacherError(
-            f"teacher {recipe.teacher}: unfinished ({len(run.history)} of {run.epochs} epochs); "
-            "finish it first (jax-mnist train ... --resume)"
-        )
-    if recipe.validation and run.validation != recipe.validation:
-        held = f"held out {run.validation:,}" if run.validation else "held out none"
-        raise TeacherError(
-            f"teacher {recipe.teacher}: {held} of the training examples, but this run is scored on "
-            f"{recipe.validation:,} held-out ones: a teacher that trained on them would leak them; "
-            f"train the teacher with --validation {recipe.validation}"
-        )
-    variables = jax.tree_util.tree_map(np.asarray, run.variables)
-    record = {
-        "run": str(recipe.teacher),
-        "recipe": run.recipe_name,
-        "model": run.recipe.model,
-        "seed": run.seed,
-        "epoch": run.epoch,
-        "validation": run.validation,
-        "weights_sha256": weights_digest(variables),
-    }
-    return Teacher(make_model(run.recipe, platform), variables, record)

@@ -13,19 +13,20 @@ Pure functions (no state, no placement; model, optimizer and augmentation are ar
   leading seed axis.
 
 ``Programs`` is the bundle a run executes, compiled for one hashable ``ProgramConfig`` (recipe,
-training-set size, number of seeds, devices): ``shuffle``, ``train_chunk``, ``train_last``,
-``evaluate`` and ``learning_rate``, each a ``jax.jit`` that states its shardings
-(``in_shardings``/``out_shardings``), plus ``place_states`` / ``place_data`` that put arrays
-where those programs take them. ``programs_for(config)`` returns the same bundle for the same
-config, so nothing recompiles. The loop over an epoch's chunks, with progress, is in
-``jax_mnist.run``.
+training-set size, number of seeds, devices) and, for a recipe that distils, its loaded teacher:
+``shuffle``, ``train_chunk``, ``train_last``, ``evaluate`` and ``learning_rate``, each a
+``jax.jit`` that states its shardings (``in_shardings``/``out_shardings``), plus
+``place_states`` / ``place_data`` that put arrays where those programs take them.
+``programs_for(config, teacher)`` returns the same bundle for the same config and teacher, so
+nothing recompiles. ``state_like(recipe, n)`` is the tree a recipe's train state has (what a
+checkpoint is restored into). Nothing here reads or writes a file: the loop over an epoch's
+chunks, with progress, is in ``jax_mnist.run``, a run's files in ``jax_mnist.rundir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, make_single_device_
 from jax_mnist import augment as augment_lib
 from jax_mnist import hosts, schedules
 from jax_mnist.data import MEAN, STD
-from jax_mnist.distill import Teacher, distillation_loss, load_teacher
+from jax_mnist.distill import Teacher, distillation_loss
 from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.recipes import Recipe
 from jax_mnist.streams import RunKeys, run_keys, shuffle_key, stacked_run_keys, step_keys
@@ -182,6 +183,13 @@ def init_state(
         opt_state=tx.init(variables["params"]),
         ema=dict(variables) if ema else None,
     )
+
+
+def state_like(recipe: Recipe, num_train_examples: int) -> TrainState:
+    """The shapes and dtypes of ``recipe``'s train state (what a checkpoint is restored into)."""
+    tx = make_optimizer(recipe, steps_per_epoch(num_train_examples, recipe.batch_size))
+    model = get_model(recipe.model)
+    return jax.eval_shape(lambda key: init_state(model, tx, key, ema=recipe.ema > 0), jax.random.key(0))
 
 
 def update_average(average: dict, weights: dict, decay: float) -> dict:
@@ -461,9 +469,14 @@ class Programs:
     given to its ``jax.jit``; ``place_states``/``place_data`` put host arrays there.
     """
 
-    def __init__(self, config: ProgramConfig):
+    def __init__(self, config: ProgramConfig, teacher: Teacher | None = None):
         config = config.with_devices()
         recipe, devices = config.recipe, config.devices
+        if bool(recipe.teacher) != (teacher is not None):
+            raise ValueError(
+                f"recipe {recipe.name} names teacher {recipe.teacher!r} but the programs were given "
+                f"{'none' if teacher is None else 'one'}: load it with jax_mnist.rundir.load_teacher"
+            )
         self.config = config
         platform = devices[0].platform
         self.batch_size, self.eval_batch_size = recipe.batch_size, recipe.eval_batch_size
@@ -471,7 +484,7 @@ class Programs:
         self.model = make_model(recipe, platform)
         self.tx = make_optimizer(recipe, self.steps_per_epoch)
         self.augment = make_augment(recipe)
-        self.teacher = load_teacher(recipe, platform)  # None unless the recipe distils
+        self.teacher = teacher  # None unless the recipe distils
         self.lr_schedule = schedules.for_recipe(recipe, self.steps_per_epoch)[0]
         self.mesh = Mesh(np.array(devices), ("devices",)) if len(devices) > 1 else None
         self.splits_seeds = self.mesh is not None and config.seeds % self.mesh.size == 0
@@ -570,49 +583,12 @@ def _local(devices: Sequence):
     return next((d for d in devices if d.process_index == hosts.index()), devices[0])
 
 
-def programs_for(config: ProgramConfig) -> Programs:
-    """The compiled programs of ``config``: the same object for the same config (and devices)."""
-    return _programs_for(config.with_devices())
+def programs_for(config: ProgramConfig, teacher: Teacher | None = None) -> Programs:
+    """The compiled programs of ``config`` (and of the loaded ``teacher`` of a recipe that distils):
+    the same object for the same config, devices and teacher."""
+    return _programs_for(config.with_devices(), teacher)
 
 
 @functools.lru_cache(maxsize=32)
-def _programs_for(config: ProgramConfig) -> Programs:
-    return Programs(config)
-
-
-# --------------------------------------------------------------------------- deprecated
-
-
-class Engine:
-    """Deprecated: the 0.1 interface over ``Programs`` (use ``programs_for`` and ``jax_mnist.run``).
-
-    Kept so that callers of ``Engine.from_recipe(...).init/train_step/evaluate`` go on working."""
-
-    def __init__(self, recipe: Recipe, num_train_examples: int, devices):
-        self.recipe, self.num_train_examples, self.devices = recipe, num_train_examples, devices
-        self.model = make_model(recipe, devices[0].platform)
-        per_epoch = steps_per_epoch(num_train_examples, recipe.batch_size)
-        self.tx = make_optimizer(recipe, per_epoch)
-        self.augment = make_augment(recipe)
-        teacher = load_teacher(recipe, devices[0].platform)
-        step = recipe_train_step(
-            recipe, self.model, self.tx, self.augment, teacher, steps_per_epoch=per_epoch
-        )
-        self.train_step = jax.jit(step)
-        self._evaluate = jax.jit(functools.partial(eval_sums, self.model, batch_size=recipe.eval_batch_size))
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, num_train_examples: int, devices=None) -> Engine:
-        warnings.warn(
-            "jax_mnist.engine.Engine is deprecated: use engine.programs_for(ProgramConfig(...)) "
-            "and jax_mnist.run.train_epoch",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return cls(recipe, num_train_examples, tuple(jax.devices() if devices is None else devices))
-
-    def init(self, key: jax.Array) -> TrainState:
-        return init_state(self.model, self.tx, key, ema=self.recipe.ema > 0)
-
-    def evaluate(self, state: TrainState, images_uint8, labels) -> dict[str, float]:
-        return means(jax.device_get(self._evaluate(*inference_weights(state), images_uint8, labels)))
+def _programs_for(config: ProgramConfig, teacher: Teacher | None) -> Programs:
+    return Programs(config, teacher)

@@ -1,6 +1,6 @@
 """Several processes (hosts) of one run, on JAX's own multi-controller runtime (``jax.distributed``).
 
-Every process runs the same program on the global device mesh (``engine.Engine``): the seed axis
+Every process runs the same program on the global device mesh (``engine.Programs``): the seed axis
 is split over the devices of all processes (no gradient traffic between hosts), or, with fewer
 seeds than devices, every batch is (XLA inserts the reductions). Process 0 is the main process:
 it alone reads and writes run directories and prints. The others get what it read (plans, the
@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jax_mnist.errors import JaxMnistError
 
@@ -115,7 +116,6 @@ def to_host(tree: Any) -> Any:
     all-gathered (a collective: every process must call this at the same point)."""
     if count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     def leaf(x):
         if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
@@ -144,7 +144,6 @@ def broadcast(tree: Any) -> Any:
     """The main process's numpy arrays, on every process (the others pass arrays of the same shapes)."""
     if count() == 1:
         return tree
-    from jax.experimental import multihost_utils
 
     return jax.tree_util.tree_map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -232,8 +233,6 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
       fitted to 20x20, centred by mass in 28x28).
     - No ink left (a blank, uniform or 1-pixel image) is an ``ImageError``.
     """
-    import warnings
-
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     notes = []

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from jax_mnist.errors import ConfigError
-from jax_mnist.zoo import MODEL_NAMES, ORIGINAL_MODEL_NAMES
+from jax_mnist.zoo import MODEL_NAMES, ORIGINAL_MODEL_NAMES, parameter_count
 
 # The version of Recipe's field set, recorded in every run's config.json (jax_mnist.provenance):
 # raise it when a field is added, removed, renamed or changes its meaning or default.
@@ -264,7 +264,6 @@ def nearest_registered(recipe: Recipe) -> tuple[str, list[str]]:
     differs (its name aside): among the recipes of the same model if there are any, else among all,
     the one that differs in the fewest fields; ties go to the model of the nearest parameter count,
     then to registry order."""
-    from jax_mnist.zoo import parameter_count
 
     def differences(registered: Recipe) -> list[str]:
         return [

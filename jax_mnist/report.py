@@ -23,9 +23,11 @@ import numpy as np
 
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
-from jax_mnist.recipes import RECIPE_NAMES, SELECTION, get_recipe
-from jax_mnist.rundir import MNIST_TRAIN_EXAMPLES, identity_differences, non_finite_fields
-from jax_mnist.study import SeedRun, read_runs, seconds_per_seed_epoch, trainings
+from jax_mnist.inference import evaluation_paths, read_predictions
+from jax_mnist.recipes import RECIPE_NAMES, SELECTION, get_recipe, nearest_registered
+from jax_mnist.rundir import MNIST_TRAIN_EXAMPLES, RunRecord, identity_differences, non_finite_fields
+from jax_mnist.study import read_runs, seconds_per_seed_epoch, trainings
+from jax_mnist.summary import summarize
 
 TARGET = 99.4  # % test accuracy, the original's goal
 LAST = 3  # ... held in each of the last LAST epochs
@@ -83,7 +85,7 @@ class RecipeResult:
     name: str
     model: str
     planned_epochs: int  # the registered recipe's epochs
-    runs: list[SeedRun]  # seeds of one identity (recipe and data): samples of one experiment
+    runs: list[RunRecord]  # seeds of one identity (recipe and data): samples of one experiment
     left_out: tuple = ()  # (seed, why) of runs in the recipe's directory with another identity
     split: str = "test"  # what the figures are of: "test", or "val" (screening runs' validation split)
 
@@ -92,10 +94,10 @@ class RecipeResult:
         return self.runs[0].train_examples if self.runs else MNIST_TRAIN_EXAMPLES
 
     @property
-    def finished(self) -> list[SeedRun]:
+    def finished(self) -> list[RunRecord]:
         return [r for r in self.runs if r.finished]
 
-    def accuracies(self, run: SeedRun) -> list[float]:
+    def accuracies(self, run: RunRecord) -> list[float]:
         return run.accuracies(self.split)
 
     @property
@@ -117,7 +119,7 @@ _OTHER_SPLIT = {
 }
 
 
-def collect(study: dict[str, list[SeedRun]], split: str = "test") -> list[RecipeResult]:
+def collect(study: dict[str, list[RunRecord]], split: str = "test") -> list[RecipeResult]:
     """A row of ``split``'s figures for every registered recipe (missing ones with no runs), then
     any other recipe found; with ``split="val"`` (screening runs) only the recipes that have runs
     scored on a validation split. Runs scored on the other split are left out, saying so."""
@@ -142,7 +144,7 @@ def collect(study: dict[str, list[SeedRun]], split: str = "test") -> list[Recipe
     return results
 
 
-def finite_runs(runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tuple]:
+def finite_runs(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], tuple]:
     """The runs whose recorded numbers are all finite, and (seed, why) for the others."""
     kept, broken = [], []
     for run in runs:
@@ -155,11 +157,11 @@ def finite_runs(runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tuple]:
     return kept, tuple(broken)
 
 
-def one_identity(name: str, runs: Sequence[SeedRun]) -> tuple[list[SeedRun], tuple]:
+def one_identity(name: str, runs: Sequence[RunRecord]) -> tuple[list[RunRecord], tuple]:
     """The runs of a recipe directory that are samples of one experiment (the same identity: the
     whole recipe and the data), and (seed, why) for each other run. The identity kept is the
     registered recipe's on the full training set when some run has it, else the most common."""
-    groups: dict[str, list[SeedRun]] = {}
+    groups: dict[str, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault(json.dumps(run.identity, sort_keys=True), []).append(run)
     if len(groups) <= 1:
@@ -235,7 +237,7 @@ def _last_epoch_cell(last: Sequence[float]) -> str:
     return f"{statistics.mean(last):.2f} ± {_std(last):.2f} ({min(last):.2f})"
 
 
-def _devices(runs: Sequence[SeedRun]) -> str:
+def _devices(runs: Sequence[RunRecord]) -> str:
     return "/".join(sorted({str(r.config.get("device", {}).get("kind", "?")) for r in runs}))
 
 
@@ -335,14 +337,14 @@ def walk_rows(results: Sequence[RecipeResult]) -> list[list[str]]:
     return rows
 
 
-def _code_of(run: SeedRun) -> str:
+def _code_of(run: RunRecord) -> str:
     code = run.config.get("code")
     if not isinstance(code, dict) or not code.get("commit"):
         return "commit not recorded"
     return f"commit {str(code['commit'])[:10]}" + (" (dirty)" if code.get("dirty") else "")
 
 
-def _versions_of(run: SeedRun) -> dict:
+def _versions_of(run: RunRecord) -> dict:
     versions = run.config.get("versions")
     return versions if isinstance(versions, dict) else {}
 
@@ -449,8 +451,6 @@ def render_markdown(
 ) -> str:
     """The report as Markdown; figure links are relative to the directory ``relative_to``.
     ``confirmation_dir``: a study directory of the same recipes on seeds never used for any choice."""
-    from jax_mnist.summary import summarize
-
     results = collect(read_runs(study_dir))
     summaries = {res.model: summarize(res.model) for res in results}
     confirmation, confirmed = confirmation_section(results, confirmation_dir, summaries)
@@ -526,8 +526,6 @@ SCREENING_HEADER = [
 
 
 def screening_rows(results: Sequence[RecipeResult], summaries: dict) -> list[list[str]]:
-    from jax_mnist.recipes import nearest_registered
-
     rows = []
     for res in results:
         base, differences = nearest_registered(res.runs[0].recipe)
@@ -560,8 +558,6 @@ def screening_rows(results: Sequence[RecipeResult], summaries: dict) -> list[lis
 def render_screening(study_dir: str | os.PathLike) -> str:
     """The validation figures of the screening runs under ``study_dir`` (``<candidate>/seed-<s>/``,
     each trained with ``--validation N``), as Markdown; no test figure is involved."""
-    from jax_mnist.summary import summarize
-
     results = collect(read_runs(study_dir), split="val")
     if not results:
         raise ReportError(
@@ -620,8 +616,6 @@ def smallest_holding(
 
 
 def _evaluated(study_dir, evaluated_run: str):
-    from jax_mnist.inference import evaluation_paths, read_predictions
-
     _, path = evaluation_paths(Path(study_dir) / evaluated_run, "last")
     return (read_predictions(path), path) if path.exists() else None
 
@@ -643,7 +637,7 @@ def _save(figure, path: Path) -> None:
     write_atomically(path, lambda f: figure.savefig(f, format="png", metadata={"Software": None}))
 
 
-def _per_epoch(runs: Sequence[SeedRun], key: str) -> tuple[np.ndarray, np.ndarray]:
+def _per_epoch(runs: Sequence[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Epochs and a (seeds, epochs) array of ``key`` over the finished runs (of equal length)."""
     length = min(len(r.history) for r in runs)
     values = np.array([[row[key] for row in r.history[:length]] for r in runs])
@@ -919,8 +913,6 @@ def write_figures(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ReportError(f"{out}: cannot create the directory ({e.strerror})") from None
-    from jax_mnist.summary import summarize
-
     written = [out / "curves.png", out / "frontier.png"]
     draw_curves(results, written[0])
     draw_frontier(results, {res.model: summarize(res.model) for res in results}, written[1])

@@ -30,6 +30,7 @@ import tqdm
 
 from jax_mnist import hosts
 from jax_mnist.data import Mnist, split_validation
+from jax_mnist.distill import Teacher
 from jax_mnist.engine import (
     ProgramConfig,
     Programs,
@@ -40,23 +41,8 @@ from jax_mnist.engine import (
     steps_per_epoch,
 )
 from jax_mnist.recipes import Recipe
-from jax_mnist.rundir import RunDir, RunError, check_run_dir, run_identity, scored_split
+from jax_mnist.rundir import RunDir, RunError, check_run_dir, load_teacher, run_identity, scored_split
 from jax_mnist.streams import RunKeys
-
-
-def load_run(out_dir, checkpoint="last"):
-    """Deprecated here: ``jax_mnist.rundir.load_run`` is the one place (this alias stays for
-    callers of the README's earlier ``jax_mnist.run.load_run``)."""
-    import warnings
-
-    from jax_mnist import rundir
-
-    warnings.warn(
-        "jax_mnist.run.load_run is deprecated: use jax_mnist.rundir.load_run",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return rundir.load_run(out_dir, checkpoint)
 
 
 class NonFiniteLoss(RunError):
@@ -278,11 +264,12 @@ def train_seeds(
         )
     if not hosts.is_main():  # process 0 of a multi-process run prints, and alone reads and writes the runs
         log, progress = (lambda message: None), False
-    programs = functools.partial(_programs, recipe, train_examples)
+    teacher = load_teacher(recipe, jax.devices()[0].platform)  # None unless the recipe distils
+    programs = functools.partial(_programs, recipe, train_examples, teacher)
     with contextlib.ExitStack() as stack:
         runs = _shared_runs(
             lambda: _open_runs(
-                stack, programs(1), recipe, run_dirs, resume, train_examples, training_split, log
+                stack, programs(1), recipe, run_dirs, resume, train_examples, training_split, log, teacher
             ),
             run_dirs,
         )
@@ -314,11 +301,8 @@ def train_seeds(
     return {run.seed: run.history for run in runs}
 
 
-PeerLost = hosts.PeerLost  # where it was raised before jax_mnist.hosts held every process concern
-
-
-def _programs(recipe: Recipe, train_examples: int, seeds: int) -> Programs:
-    return programs_for(ProgramConfig(recipe, train_examples, seeds))
+def _programs(recipe: Recipe, train_examples: int, teacher: Teacher | None, seeds: int) -> Programs:
+    return programs_for(ProgramConfig(recipe, train_examples, seeds), teacher)
 
 
 def _open_runs(
@@ -330,10 +314,11 @@ def _open_runs(
     train_examples: int,
     training_split: int,
     log,
+    teacher: Teacher | None,
 ) -> list[RunDir]:
     """Every run directory checked, then each opened (locked, restored) for the life of ``stack``."""
     plans = {
-        seed: (Path(out), run_identity(recipe, seed, train_examples, training_split))
+        seed: (Path(out), run_identity(recipe, seed, train_examples, training_split, teacher))
         for seed, out in run_dirs.items()
     }
     started = {

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -57,11 +58,15 @@ from jax_mnist.checkpoints import (
     committed_epochs,
     versions,
 )
+from jax_mnist.data import validation_digest
+from jax_mnist.distill import Teacher, TeacherError, weights_digest
+from jax_mnist.engine import TrainState, make_model, state_like
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
 from jax_mnist.provenance import code_provenance
 from jax_mnist.recipes import Recipe
 from jax_mnist.schema import check_config, check_metrics_row
+from jax_mnist.zoo import get_model, init_variables
 
 MNIST_TRAIN_EXAMPLES = 60_000
 
@@ -78,17 +83,20 @@ _EXTENDABLE = {"recipe.epochs"}
 
 
 def run_identity(
-    recipe: Recipe, seed: int, train_examples: int, training_split: int = MNIST_TRAIN_EXAMPLES
+    recipe: Recipe,
+    seed: int,
+    train_examples: int,
+    training_split: int = MNIST_TRAIN_EXAMPLES,
+    teacher: Teacher | None = None,
 ) -> dict:
     """What must match for a run directory to be resumed (everything that changes the numbers).
 
     ``train_examples``: the examples trained on; ``training_split``: the size of the training split
-    the recipe's validation examples are held out of (stated, with their digest, when it has any).
+    the recipe's validation examples are held out of (stated, with their digest, when it has any);
+    ``teacher``: the recipe's loaded teacher (read from its run directory when not given).
     """
     identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "train_examples": train_examples}
     if recipe.validation:
-        from jax_mnist.data import validation_digest
-
         identity["validation_split"] = {
             "examples": recipe.validation,
             "held_out_of": training_split,
@@ -97,9 +105,8 @@ def run_identity(
             "sha256": validation_digest(training_split, recipe.validation),
         }
     if recipe.teacher:
-        from jax_mnist.distill import load_teacher
-
-        identity["teacher"] = load_teacher(recipe, "cpu").record  # which run, epoch and weights taught
+        teacher = teacher or load_teacher(recipe, "cpu")
+        identity["teacher"] = teacher.record  # which run, epoch and weights taught
     return identity
 
 
@@ -292,8 +299,6 @@ def locked(out: Path):
     """Hold ``out/.lock`` (``fcntl.flock``) while the block runs; a directory locked by a live
     process is refused. The kernel drops the lock of a process that dies, so a lock file left by
     kill -9 is simply taken; the pid inside is only for the message."""
-    import fcntl
-
     lock = out / ".lock"
     while True:
         try:
@@ -345,8 +350,6 @@ class Run(RunRecord):
 
 def weights_like(recipe: Recipe) -> dict:
     """The shapes and dtypes of ``{'params', 'batch_stats'}`` of ``recipe``'s network."""
-    from jax_mnist.zoo import get_model, init_variables
-
     model = get_model(recipe.model)
     return jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0))
 
@@ -361,8 +364,6 @@ def load_run(
     Read only: a checkpoint that fails its digest (or, in an older run, has none) is reported
     through ``warn`` and stepped over for "last", an error otherwise; nothing is deleted or moved.
     A checkpoint that does not fit this code's network is a ``TreeMismatch``."""
-    from jax_mnist.engine import TrainState
-
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     record = read_run(out_dir)
     like = weights_like(record.recipe)
@@ -370,7 +371,7 @@ def load_run(
     for attempt in range(3):  # a training may rotate a checkpoint away while it is read
         store = CheckpointStore(record.out, kind)
         try:
-            epoch, weights, step = _pick(store, checkpoint, like, record.config, warn)
+            epoch, weights, step = _pick(store, checkpoint, like, record, warn)
             break
         except CheckpointVanished:
             if attempt == 2:
@@ -386,7 +387,7 @@ def load_run(
     return Run(record.out, record.config, record.history, epoch=epoch, state=state)
 
 
-def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, dict, int]:
+def _pick(store: CheckpointStore, checkpoint, like, record: RunRecord, warn) -> tuple[int, dict, int]:
     epochs = store.epochs()
     if checkpoint in ("best", "last"):
         if not epochs:
@@ -399,7 +400,9 @@ def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, 
         candidates = [epoch]
     for epoch in candidates:
         try:
-            weights, step = store.restore_weights(epoch, like, config)
+            weights, step = store.restore_weights(
+                epoch, like, record.config, lambda: state_like(record.recipe, record.train_examples)
+            )
             return epoch, weights, step
         except (CorruptCheckpoint, UnverifiedCheckpoint) as e:
             if len(candidates) == 1 or checkpoint != "last":
@@ -409,6 +412,41 @@ def _pick(store: CheckpointStore, checkpoint, like, config, warn) -> tuple[int, 
     raise RunError(
         f"{store.directory}: no checkpoint that restores and verifies (epochs {epochs}); nothing was changed"
     )
+
+
+def load_teacher(recipe: Recipe, platform: str) -> Teacher | None:
+    """The teacher run ``recipe`` names (None when it names none), checked and verified, its
+    network lowered for ``platform``; read only. A run that cannot teach this recipe (missing,
+    unfinished, or trained on the validation examples the recipe is scored on) is a TeacherError."""
+    if not recipe.teacher:
+        return None
+    try:
+        run = load_run(recipe.teacher, "last")
+    except JaxMnistError as e:  # not a run, a malformed file, no checkpoint that verifies
+        raise TeacherError(f"teacher {recipe.teacher}: {e}") from None
+    if not run.finished:
+        raise TeacherError(
+            f"teacher {recipe.teacher}: unfinished ({len(run.history)} of {run.epochs} epochs); "
+            "finish it first (jax-mnist train ... --resume)"
+        )
+    if recipe.validation and run.validation != recipe.validation:
+        held = f"held out {run.validation:,}" if run.validation else "held out none"
+        raise TeacherError(
+            f"teacher {recipe.teacher}: {held} of the training examples, but this run is scored on "
+            f"{recipe.validation:,} held-out ones: a teacher that trained on them would leak them; "
+            f"train the teacher with --validation {recipe.validation}"
+        )
+    variables = jax.tree_util.tree_map(np.asarray, run.variables)
+    record = {
+        "run": str(recipe.teacher),
+        "recipe": run.recipe_name,
+        "model": run.recipe.model,
+        "seed": run.seed,
+        "epoch": run.epoch,
+        "validation": run.validation,
+        "weights_sha256": weights_digest(variables),
+    }
+    return Teacher(make_model(run.recipe, platform), variables, record)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -624,6 +662,7 @@ __all__ = [
     "Run",
     "RunDir",
     "load_run",
+    "load_teacher",
     "read_run",
     "read_history",
     "check_run_dir",

@@ -18,6 +18,7 @@ from pathlib import Path
 from jax_mnist import hosts
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.recipes import RECIPE_NAMES, Recipe, get_recipe, with_overrides
+from jax_mnist.run import seed_dirs, train_seeds
 from jax_mnist.rundir import (
     MNIST_TRAIN_EXAMPLES,
     RunRecord,
@@ -25,6 +26,7 @@ from jax_mnist.rundir import (
     read_run,
     run_identity,
 )
+from jax_mnist.summary import summarize
 
 # The order a study runs in when none is given: the project's recipes first, then the walk from
 # the cheap end (the most expensive, model 1, last): what says most per CPU hour comes first.
@@ -56,9 +58,6 @@ class StudyError(JaxMnistError, ValueError):
     pass
 
 
-SeedRun = RunRecord  # one seed of one recipe as recorded on disk (the name this module used before)
-
-
 def _seed_of(directory: Path) -> int | None:
     prefix, _, number = directory.name.partition("-")
     return int(number) if prefix == "seed" and number.isdigit() else None
@@ -88,7 +87,7 @@ def read_recipe_runs(recipe_dir: Path) -> list[RunRecord]:
     return sorted(runs, key=lambda r: r.seed)
 
 
-def read_study(study_dir: str | os.PathLike) -> dict[str, list[SeedRun]]:
+def read_study(study_dir: str | os.PathLike) -> dict[str, list[RunRecord]]:
     """recipe name -> its recorded seeds; recipes in registry order, then any others by name."""
     root = Path(study_dir)
     if not root.is_dir():
@@ -97,7 +96,7 @@ def read_study(study_dir: str | os.PathLike) -> dict[str, list[SeedRun]]:
     return _in_registry_order({name: runs for name, runs in found.items() if runs})
 
 
-def _in_registry_order(found: dict[str, list[SeedRun]]) -> dict[str, list[SeedRun]]:
+def _in_registry_order(found: dict[str, list[RunRecord]]) -> dict[str, list[RunRecord]]:
     """Registered recipes in registry order, then any others by name."""
     order = {name: i for i, name in enumerate(RECIPE_NAMES)}
     return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
@@ -111,14 +110,14 @@ LAYOUTS = (
 )
 
 
-def _by_recipe(runs: list[SeedRun]) -> dict[str, list[SeedRun]]:
-    grouped: dict[str, list[SeedRun]] = {}
+def _by_recipe(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    grouped: dict[str, list[RunRecord]] = {}
     for run in runs:
         grouped.setdefault(run.recipe_name, []).append(run)
     return {name: sorted(found, key=lambda r: r.seed) for name, found in grouped.items()}
 
 
-def read_runs(directory: str | os.PathLike) -> dict[str, list[SeedRun]]:
+def read_runs(directory: str | os.PathLike) -> dict[str, list[RunRecord]]:
     """Every run under ``directory`` by recipe, in whichever layout it holds (``LAYOUTS``): a study,
     train's ``runs/`` of single runs, one multi-seed ``--out``, or one run directory. A directory
     with no run in any of them is an error that names what it found and the layouts read."""
@@ -143,7 +142,7 @@ def read_runs(directory: str | os.PathLike) -> dict[str, list[SeedRun]]:
 # --------------------------------------------------------------------------- timing
 
 
-def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
+def seconds_per_seed_epoch(runs: Sequence[RunRecord]) -> list[float]:
     """Wall seconds of one seed's epoch, for every recorded epoch of ``runs``.
 
     Seeds trained together in one program record the same ``epoch_seconds`` for an epoch (the
@@ -161,7 +160,7 @@ def seconds_per_seed_epoch(runs: Sequence[SeedRun]) -> list[float]:
     ]
 
 
-def trainings(runs: Sequence[SeedRun]) -> list[tuple[list[int], float]]:
+def trainings(runs: Sequence[RunRecord]) -> list[tuple[list[int], float]]:
     """The trainings that made ``runs``: (seeds, wall seconds) for each group of seeds trained
     together in one program (they record the same ``epoch_seconds`` for every epoch), in seed
     order; the wall seconds are the sum of the epochs' recorded times."""
@@ -178,12 +177,10 @@ def _multiply_adds(recipe: Recipe) -> int:
 @functools.cache
 def _model_multiply_adds(model: str) -> int:
     """Once per model: every estimate of a plan asks it of every timed recipe."""
-    from jax_mnist.summary import summarize
-
     return summarize(model).multiply_adds
 
 
-def seed_epoch_seconds(recipe: Recipe, study: dict[str, list[SeedRun]]) -> tuple[float, str] | None:
+def seed_epoch_seconds(recipe: Recipe, study: dict[str, list[RunRecord]]) -> tuple[float, str] | None:
     """Median seconds of one seed-epoch of ``recipe`` and how it was found: measured in the study;
     else that of a timed network of about the same multiply-adds; else read off a log-log line
     through the timed networks' multiply-adds (when they span a factor 2 or more). None: no basis."""
@@ -290,7 +287,7 @@ def plan(
     return todos
 
 
-def estimate_seconds(todo: Todo, study: dict[str, list[SeedRun]]) -> tuple[float, str] | None:
+def estimate_seconds(todo: Todo, study: dict[str, list[RunRecord]]) -> tuple[float, str] | None:
     found = seed_epoch_seconds(todo.recipe, study)
     if found is None:
         return None
@@ -310,7 +307,7 @@ def abbreviated(items: list[str], head: int = 8) -> str:
     return f"{', '.join(items[:head])}, …, {items[-1]} ({len(items):,} seeds)"
 
 
-def describe_plan(todos: Sequence[Todo], study: dict[str, list[SeedRun]]) -> str:
+def describe_plan(todos: Sequence[Todo], study: dict[str, list[RunRecord]]) -> str:
     """What is left, one line per recipe, with a time estimate from the study's own timings."""
     if not todos:
         return "nothing left: every recipe x seed asked for is complete"
@@ -341,8 +338,6 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> None:
     """Train everything ``plan`` lists, recipe by recipe (its seeds together), resuming what was started."""
-    from jax_mnist.run import seed_dirs, train_seeds
-
     root = Path(study_dir)
     if not hosts.is_main():  # a multi-process study: process 0 reads the study, prints and writes
         log = lambda message: None  # noqa: E731
@@ -373,8 +368,6 @@ def _next_round(
 ) -> tuple[list[Todo], bool]:
     """What is left (printed), and whether the first recipe's runs were started: read from the
     study by the main process, the same on every process of a multi-process study."""
-
-    from jax_mnist.run import seed_dirs
 
     def read() -> tuple[list[Todo], bool]:
         todos = plan(root, recipes, seeds, max_epochs, train_examples)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 from collections.abc import Callable, Mapping
 
 import jax
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mnist.errors import CheckpointError
+from jax_mnist.files import write_atomically
 from jax_mnist.zoo import ConvSpec, check_model_name, get_model, init_variables, model_layers, torch_layout
 
 
@@ -49,7 +52,6 @@ def read_torch_checkpoint(path) -> dict:
         import torch
     except ImportError:
         raise CheckpointError(f"reading {path} needs PyTorch: pip install torch") from None
-    import pickle
 
     try:
         empty = os.path.getsize(path) == 0
@@ -171,10 +173,7 @@ def write_torch_checkpoint(path, state_dict: Mapping[str, np.ndarray]) -> None:
         import torch
     except ImportError:
         raise CheckpointError(f"writing {path} needs PyTorch: pip install torch") from None
-    import io
 
     buffer = io.BytesIO()  # serialised in memory: file errors are then ours to report
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
-    from jax_mnist.files import write_atomically
-
     write_atomically(path, buffer.getvalue())

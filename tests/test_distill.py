@@ -12,7 +12,15 @@ import pytest
 
 from jax_mnist.cli import main
 from jax_mnist.distill import Teacher, distillation_loss, weights_digest
-from jax_mnist.engine import init_state, make_augment, make_model, make_optimizer, train_step
+from jax_mnist.engine import (
+    ProgramConfig,
+    init_state,
+    make_augment,
+    make_model,
+    make_optimizer,
+    programs_for,
+    train_step,
+)
 from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.rundir import load_run, read_run
 
@@ -37,6 +45,24 @@ def test_the_teacher_digest_changes_with_its_weights():
     other = {"params": {"w": np.array([1, 1, 2], np.float32)}}
     assert weights_digest(weights) == weights_digest({"params": {"w": np.ones(3, np.float32)}})
     assert weights_digest(weights) != weights_digest(other)
+
+
+def test_the_programs_take_the_teacher_loaded_and_equal_teachers_share_them():
+    """The engine reads no file: a recipe naming a teacher needs it loaded (rundir.load_teacher),
+    and a teacher given to a recipe without one is refused; equal teachers share the programs."""
+    plain = get_recipe("ours_2k")
+    taught = with_overrides(plain, {"teacher": "runs/teacher"})
+    model = make_model(plain, "cpu")
+    variables = {"params": {}, "batch_stats": {}}
+    record = {"run": "runs/teacher", "epoch": 3, "weights_sha256": "ab"}
+    with pytest.raises(ValueError, match="names teacher 'runs/teacher' but the programs were given none"):
+        programs_for(ProgramConfig(taught, 512))
+    with pytest.raises(ValueError, match="names teacher '' but the programs were given one"):
+        programs_for(ProgramConfig(plain, 512), Teacher(model, variables, record))
+    first = programs_for(ProgramConfig(taught, 512), Teacher(model, variables, record))
+    assert programs_for(ProgramConfig(taught, 512), Teacher(model, dict(variables), dict(record))) is first
+    other = Teacher(model, variables, {**record, "weights_sha256": "cd"})
+    assert programs_for(ProgramConfig(taught, 512), other) is not first
 
 
 @pytest.mark.slow  # compiles three training steps

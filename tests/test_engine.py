@@ -132,6 +132,7 @@ def test_implementation_choices_are_recipe_fields():
 
 def test_cli_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, capsys):
     from jax_mnist import cli
+    from jax_mnist.cli import info
 
     def bad_input(args):
         raise ConfigError("lr must be > 0, found -1")
@@ -139,10 +140,10 @@ def test_cli_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, cap
     def bug(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_summary", bad_input)
+    monkeypatch.setattr(info, "cmd_summary", bad_input)
     assert cli.main(["summary", "model_4_batchnorm"]) == 2
     assert capsys.readouterr().err == "jax-mnist summary: error: lr must be > 0, found -1\n"
-    monkeypatch.setattr(cli, "cmd_summary", bug)
+    monkeypatch.setattr(info, "cmd_summary", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["summary", "model_4_batchnorm"])
     assert issubclass(cli.UserError, JaxMnistError)
@@ -186,6 +187,21 @@ def test_every_imported_package_is_declared():
             if not names & declared:
                 missing.setdefault(str(path.relative_to(REPO)), []).append(module)
     assert missing == {}
+
+
+def test_one_version_and_the_changelog_says_what_it_changed():
+    """pyproject reads the version from jax_mnist.__version__; CHANGELOG.md's newest entry is it."""
+    import jax_mnist
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "jax_mnist.__version__"}
+    entries = re.findall(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), flags=re.M)
+    assert entries and entries[0] == jax_mnist.__version__, (entries[:1], jax_mnist.__version__)
+    assert importlib.metadata.version("jax-mnist") == jax_mnist.__version__  # the installed one: reinstall
+    # every subpackage is shipped (a wheel holds only the packages listed)
+    packages = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "jax_mnist").rglob("__init__.py")}
+    assert set(pyproject["tool"]["setuptools"]["packages"]) == packages
 
 
 def test_rate_and_time_left_count_from_after_the_compile():
