@@ -131,15 +131,17 @@ def test_output_shapes_in_both_modes(name, test_batch):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shapes_and_normalised_output(name, test_batch):
     model = get_model(name)
-    variables = init_variables(model, jax.random.key(1))
-    # Compiled as a whole: op by op, the large models take tens of seconds.
-    logp = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, test_batch[:8])
-    assert logp.shape == (8, 10)
+    # Compiled as a whole, once: op by op, init and apply of the large models take tens of seconds.
+    @jax.jit
+    def apply_both(key, x, dropout_key):
+        variables = init_variables(model, key)
+        train = model.apply(variables, x, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        return model.apply(variables, x, train=False), train[0]
+
+    logp, train_logp = apply_both(jax.random.key(1), test_batch[:8], jax.random.key(2))
+    assert logp.shape == (8, 10) and train_logp.shape == (8, 10)
     np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
-    train_apply = jax.jit(
-        lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])[0]
-    )
-    assert train_apply(variables, test_batch[:8], jax.random.key(2)).shape == (8, 10)
+    np.testing.assert_allclose(jnp.exp(train_logp).sum(-1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
