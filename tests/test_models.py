@@ -131,6 +131,7 @@ def test_output_shapes_in_both_modes(name, test_batch):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shapes_and_normalised_output(name, test_batch):
     model = get_model(name)
+
     # Compiled as a whole, once: op by op, init and apply of the large models take tens of seconds.
     @jax.jit
     def apply_both(key, x, dropout_key):
