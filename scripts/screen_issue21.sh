@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The validation screening of issue 21 (docs/accuracy.md): each candidate on seed 11, trained on
 # 50,000 training examples and scored on the 10,000 held out (--validation 10000); the test set is
-# never scored. Resumable: run it again and each candidate continues where it stopped.
+# never scored. Resumable: run it again and each candidate continues where it stopped; a finished
+# one is skipped.
 # Usage: scripts/screen_issue21.sh [CANDIDATE ...]   (default: all, in order)
 # Data options come from $JAX_MNIST_FILES / $JAX_MNIST_DATA_DIR.
 set -euo pipefail
@@ -24,11 +25,7 @@ declare -A args=(
 )
 order=(s5k_base s5k_pad s5k_scale s5k_light ref_8k_scale s4k s3k s2k s5k_kd s5k_kd9)
 
-for name in "${@:-${order[@]}}"; do
-  [[ -n "${args[$name]+x}" ]] || { echo "unknown candidate $name; known: ${order[*]}" >&2; exit 2; }
-  dir="$out/$name/seed-$seed"
-  resume=()
-  [[ -e "$dir/config.json" ]] && resume=(--resume)
-  # shellcheck disable=SC2086
-  jax-mnist train ${args[$name]} --set name="$name" --validation 10000 --seed "$seed" --out "$dir" "${resume[@]}"
-done
+
+# shellcheck source=scripts/screen_candidates.sh
+. "$(dirname "$0")/screen_candidates.sh"
+screen_candidates "$@"

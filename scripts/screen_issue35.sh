@@ -19,14 +19,7 @@ declare -A args=(
 )
 order=(s5k_b64_lr10 s5k_b32_lr05 s5k_b32_lr10 s5k_b128_lr20 s5k_b64_lr20)
 
-for name in "${@:-${order[@]}}"; do
-  [[ -n "${args[$name]+x}" ]] || { echo "unknown candidate $name; known: ${order[*]}" >&2; exit 2; }
-  dir="$out/$name/seed-$seed"
-  resume=()
-  if [[ -e "$dir/config.json" ]]; then
-    [[ $(wc -l < "$dir/metrics.jsonl" 2>/dev/null || echo 0) -ge 15 ]] && { echo "$name: finished"; continue; }
-    resume=(--resume)
-  fi
-  # shellcheck disable=SC2086
-  jax-mnist train ${args[$name]} --set name="$name" --validation 10000 --seed "$seed" --out "$dir" "${resume[@]}"
-done
+
+# shellcheck source=scripts/screen_candidates.sh
+. "$(dirname "$0")/screen_candidates.sh"
+screen_candidates "$@"
