@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import jax_mnist
 from jax_mnist import checkpoints, rundir
 from jax_mnist.checkpoints import TreeMismatch
 from jax_mnist.cli import main
@@ -295,7 +296,7 @@ def test_reading_a_run_whose_tree_does_not_fit_changes_nothing(finished, mnist_d
         assert code == 2, argv
         lines = [line for line in err.strip().splitlines() if not line.startswith("[jax_mnist.data]")]
         assert len(lines) == 1 and "does not fit what this code builds" in lines[0], err
-        assert "written by jax_mnist 0.1.0" in lines[0] and "optax" in lines[0]
+        assert f"written by jax_mnist {jax_mnist.__version__}" in lines[0] and "optax" in lines[0]
         assert snapshot(out) == before, argv
 
 
