@@ -119,27 +119,13 @@ def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return (patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(n, ho, wo, cout)
 
 
-def conv_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """VALID stride-1 conv as the sum over the k*k taps of a shifted slice times that tap's
-    (cin, cout) matrix: no patch matrix k*k times the activation, but k*k small matmuls."""
-    kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    taps = (
-        (x[:, i : i + ho, j : j + wo, :].reshape(-1, cin) @ kernel[i, j]).reshape(n, ho, wo, cout)
-        for i in range(kh)
-        for j in range(kw)
-    )
-    return functools.reduce(jnp.add, taps)
-
-
 def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
-CONV_IMPLS = {"im2col": conv_im2col, "xla": conv_xla, "taps": conv_taps}
+CONV_IMPLS = {"im2col": conv_im2col, "xla": conv_xla}
 
 
 class Conv(nn.Module):

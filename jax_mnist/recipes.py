@@ -90,7 +90,7 @@ _CHOICES = {
     "schedule": ("constant", "step", "onecycle"),
     "augment": ("none", "rotate", "affine"),
     "anneal": ("cos", "linear"),
-    "conv_impl": ("auto", "im2col", "xla", "taps"),
+    "conv_impl": ("auto", "im2col", "xla"),
     "dropout_impl": ("fused", "flax"),
     "seed_axis": ("auto", "vmap", "map"),
 }

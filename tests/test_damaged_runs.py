@@ -5,7 +5,9 @@ readers leave every byte of the run as it was; a resume may move a checkpoint to
 never lose its bytes.
 
 The files: the run's own (config.json, metrics.jsonl) and every file of its newest checkpoint
-(what "last" readers and --resume read), one of orbax's data chunks standing for all of them.
+(what "last" readers and --resume read), one of orbax's data chunks standing for all of them, and
+three files standing for the ``rest`` item's (the same orbax handler as ``weights``, read by
+--resume alone).
 Which command reads which file (``READERS``) is itself tested: report reads no checkpoint, and
 evaluate, predict and export read no checkpoint's ``rest`` item (the optimizer state), so each
 runs where a damage can reach it (the whole sweep takes minutes, not a quarter of an hour).
@@ -34,6 +36,9 @@ ITEM_FILES = (
     "ocdbt.process_0/manifest.ocdbt",
     "ocdbt.process_0/d/*",
 )
+# ``rest`` is written and read by the same orbax handler as ``weights``, and only ``train --resume``
+# reads it: its metadata, manifest and a data chunk stand for its other files.
+REST_FILES = ("_METADATA", "manifest.ocdbt", "ocdbt.process_0/d/*")
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
@@ -41,7 +46,8 @@ RUN_FILES = (
     f"{NEWEST}/commit_success.txt",
     f"{NEWEST}/record/metadata",
     f"{NEWEST}/record/commit_success.txt",
-    *(f"{NEWEST}/{item}/{name}" for item in ("weights", "rest") for name in ITEM_FILES),
+    *(f"{NEWEST}/weights/{name}" for name in ITEM_FILES),
+    *(f"{NEWEST}/rest/{name}" for name in REST_FILES),
 )
 JSON_FILES = tuple(
     f
