@@ -90,7 +90,7 @@ def mnist(mnist_data_dir):
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA cache per test session, shared with subprocesses: recompiling the
-    same training step (a new Engine per run) then costs a cache read, not a compile."""
+    same training step (new programs per run) then costs a cache read, not a compile."""
     import jax
 
     path = str(tmp_path_factory.mktemp("xla_cache"))
