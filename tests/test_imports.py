@@ -156,7 +156,7 @@ def test_the_imports_have_no_circle():
 
 def test_project_imports_are_at_module_top_outside_the_cli():
     inside = [
-        f"jax_mnist/{path.relative_to(PACKAGE)}:{line} imports jax_mnist.{target} inside a function"
+        f"jax_mnist/{path.relative_to(PACKAGE)}:{line} imports {target} inside a function"
         for module, path in MODULES.items()
         if layer_of(module) < layer_of("cli")
         for target, line, in_function in project_imports(path)
