@@ -47,7 +47,7 @@ from jax_mnist.engine import ProgramConfig, programs_for
 from jax_mnist.files import write_atomically
 from jax_mnist.recipes import RECIPES, get_recipe, with_overrides
 from jax_mnist.run import evaluate_seeds, train_epoch
-from jax_mnist.rundir import load_teacher
+from jax_mnist.rundir import device, load_teacher
 from jax_mnist.zoo import ORIGINAL_MODEL_NAMES
 
 try:
@@ -345,11 +345,7 @@ def run_benchmark(
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "device": {
-            "platform": jax.devices()[0].platform,
-            "kind": jax.devices()[0].device_kind,
-            "count": jax.device_count(),
-        },
+        "device": device(with_overrides(get_recipe(recipe), overrides or {}).conv_impl),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory_kept": host_memory.applied(),
     }
@@ -369,7 +365,8 @@ def format_result(result: dict) -> str:
     kept = "kept" if result["host_memory_kept"] else "not kept (allocator default)"
     lines = [
         f"{j['recipe']} ({j['model']}), batch {j['batch_size']}, device {result['device']['kind']} "
-        f"x{result['device']['count']}, {result['machine']['threads_used']} threads, freed host memory "
+        f"x{result['device']['count']}, convolutions {result['device']['conv_impl']}, "
+        f"{result['machine']['threads_used']} threads, freed host memory "
         f"{kept}",
         f"  compile: cold {j['cold_compile_s']:.2f} s, warm (persistent cache) {j['warm_compile_s']:.2f} s",
         f"  JAX epoch-chunk program, {j['train_chunk']['steps_per_call']} steps a call (as training runs "
@@ -423,6 +420,7 @@ def bench_all(steps: int = 10, compare_torch: bool = True, log=print) -> list[di
             "recipe": name,
             "model": recipe.model,
             "batch_size": recipe.batch_size,
+            "conv_impl": device(recipe.conv_impl)["conv_impl"],
             "jax_step_s": jax_step["median_s"],
             "jax_step_p10_s": jax_step["p10_s"],
             "jax_step_p90_s": jax_step["p90_s"],

@@ -100,10 +100,11 @@ def make_augment(recipe: Recipe) -> Augment:
     return lambda key, images: images
 
 
-def make_model(recipe: Recipe, platform: str) -> S7Net:
-    """The recipe's network, its convolution lowered for ``platform`` ("cpu", "gpu", "tpu")."""
+def make_model(recipe: Recipe, platform: str, devices: int = 1) -> S7Net:
+    """The recipe's network, its convolution lowered for ``devices`` devices of ``platform``
+    ("cpu", "gpu", "tpu")."""
     overrides = {} if recipe.dropout_rate is None else {"dropout_rate": recipe.dropout_rate}
-    conv_impl = resolve_conv_impl(recipe.conv_impl, platform)
+    conv_impl = resolve_conv_impl(recipe.conv_impl, platform, devices)
     return get_model(recipe.model, conv_impl=conv_impl, dropout_impl=recipe.dropout_impl, **overrides)
 
 
@@ -481,7 +482,7 @@ class Programs:
         platform = devices[0].platform
         self.batch_size, self.eval_batch_size = recipe.batch_size, recipe.eval_batch_size
         self.steps_per_epoch = steps_per_epoch(config.num_train_examples, recipe.batch_size)
-        self.model = make_model(recipe, platform)
+        self.model = make_model(recipe, platform, len(devices))
         self.tx = make_optimizer(recipe, self.steps_per_epoch)
         self.augment = make_augment(recipe)
         self.teacher = teacher  # None unless the recipe distils

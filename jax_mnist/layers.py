@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_mnist import onednn
 from jax_mnist.dropout import Dropout as FusedDropout
 from jax_mnist.errors import ConfigError
 
@@ -125,7 +126,8 @@ def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-CONV_IMPLS = {"im2col": conv_im2col, "xla": conv_xla}
+# "onednn": oneDNN's kernels through jax.ffi (jax_mnist.onednn), CPU only, where they were built.
+CONV_IMPLS = {"im2col": conv_im2col, "onednn": onednn.conv_onednn, "xla": conv_xla}
 
 
 class Conv(nn.Module):
@@ -155,13 +157,25 @@ class Conv(nn.Module):
 # jax.random.bernoulli); both drop with the given rate, with different random streams.
 
 
-def resolve_conv_impl(impl: str, platform: str) -> str:
-    """``"auto"``: im2col on CPU (faster there, docs/benchmarks.md), XLA's convolution on GPU/TPU,
-    where cuDNN and the TPU compiler do better than a patch matrix."""
+def resolve_conv_impl(impl: str, platform: str, devices: int = 1) -> str:
+    """``"auto"``: on one CPU device, oneDNN's kernels where they are available, else im2col (both
+    faster there than XLA's convolution, docs/benchmarks.md); im2col on several CPU devices (XLA's
+    partitioner cannot split a batch through a custom call); XLA's convolution on GPU/TPU, where
+    cuDNN and the TPU compiler do better than a patch matrix. The lowerings compute the same
+    function (rounding aside: tests/test_torch_parity.py)."""
     if impl == "auto":
-        return "im2col" if platform == "cpu" else "xla"
+        if platform != "cpu":
+            return "xla"
+        return "onednn" if devices == 1 and onednn.available() else "im2col"
     if impl not in CONV_IMPLS:
         raise ConfigError(f"conv_impl must be auto or one of {', '.join(sorted(CONV_IMPLS))}, found {impl!r}")
+    if impl == "onednn":
+        if platform != "cpu":
+            raise ConfigError(f"conv_impl 'onednn' runs on the CPU only, not on {platform}: use auto or xla")
+        if devices != 1:
+            raise ConfigError(f"conv_impl 'onednn' runs on one device, not {devices}: use auto or im2col")
+        if not onednn.available():
+            raise ConfigError(f"conv_impl 'onednn' is unavailable here: {onednn.why_unavailable()}")
     return impl
 
 

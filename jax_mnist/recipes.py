@@ -72,7 +72,8 @@ class Recipe:
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
     # How the network is computed (same function, different rounding, so part of a run's identity):
-    # conv_impl "auto" = im2col on CPU, XLA's convolution on GPU/TPU; dropout_impl "fused" or "flax".
+    # conv_impl "auto" = oneDNN's kernels on CPU where built (jax_mnist.onednn), else im2col; XLA's
+    # convolution on GPU/TPU (config.json's device.conv_impl says which ran); dropout_impl "fused" or "flax".
     conv_impl: str = "auto"
     dropout_impl: str = "fused"
     # Several seeds trained together: "vmap" (one batched program), "map" (seeds in turn inside one
@@ -90,7 +91,7 @@ _CHOICES = {
     "schedule": ("constant", "step", "onecycle"),
     "augment": ("none", "rotate", "affine"),
     "anneal": ("cos", "linear"),
-    "conv_impl": ("auto", "im2col", "xla"),
+    "conv_impl": ("auto", "im2col", "onednn", "xla"),
     "dropout_impl": ("fused", "flax"),
     "seed_axis": ("auto", "vmap", "map"),
 }

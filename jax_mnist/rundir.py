@@ -63,6 +63,7 @@ from jax_mnist.distill import Teacher, TeacherError, weights_digest
 from jax_mnist.engine import TrainState, make_model, state_like
 from jax_mnist.errors import JaxMnistError
 from jax_mnist.files import write_atomically
+from jax_mnist.layers import resolve_conv_impl
 from jax_mnist.provenance import code_provenance
 from jax_mnist.recipes import Recipe
 from jax_mnist.schema import check_config, check_metrics_row
@@ -143,9 +144,16 @@ def identity_differences(found: dict, asked: dict) -> dict[str, tuple[Any, Any]]
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def device() -> dict[str, object]:
+def device(conv_impl: str = "auto") -> dict[str, object]:
+    """The devices a run computes on, and how its convolutions are lowered there (``conv_impl``:
+    the recipe's; "auto" resolves per platform and per what is installed, so it is recorded)."""
     first = jax.devices()[0]
-    return {"platform": first.platform, "kind": first.device_kind, "count": jax.device_count()}
+    return {
+        "platform": first.platform,
+        "kind": first.device_kind,
+        "count": jax.device_count(),
+        "conv_impl": resolve_conv_impl(conv_impl, first.platform, jax.device_count()),
+    }
 
 
 # --------------------------------------------------------------------------- reading files
@@ -537,7 +545,7 @@ class RunDir:
                     for leftover in ("metrics.jsonl", "digests.json"):  # they record no epoch
                         (out / leftover).unlink(missing_ok=True)
                     config = {**identity, "versions": versions(), "code": code_provenance()}
-                    config["device"] = device()
+                    config["device"] = device(identity["recipe"]["conv_impl"])
                     split = "validation" if identity.get("validation_split") else "test"
                     config["best_checkpoint"] = f"best/ holds the epoch of best {split} accuracy"
                     write_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")

@@ -123,8 +123,9 @@ class S7Net(nn.Module):
     layers: tuple[LayerSpec, ...]
     # One rate for every dropout layer (e.g. 0.0 to switch dropout off); None keeps the spec's.
     dropout_rate: float | None = None
-    # How convolutions are lowered: "im2col" (faster on CPU), "xla" (lax.conv_general_dilated), or
-    # "auto": im2col on CPU, xla elsewhere (the backend JAX runs on by default).
+    # How convolutions are lowered: "im2col" (shifted slices and one matmul), "onednn" (oneDNN's
+    # kernels, CPU), "xla" (lax.conv_general_dilated), or "auto" (layers.resolve_conv_impl: onednn
+    # or im2col on CPU, xla elsewhere, for the backend JAX runs on by default).
     conv_impl: str = "auto"
     # How dropout masks are drawn: "fused" (faster) or "flax" (nn.Dropout); see DROPOUT_IMPLS.
     dropout_impl: str = "fused"

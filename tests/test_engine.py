@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_mnist import onednn
 from jax_mnist.bench import counting_compiles
 from jax_mnist.engine import ProgramConfig, batch_metrics, make_model, programs_for
 from jax_mnist.errors import ConfigError, JaxMnistError
@@ -121,10 +122,11 @@ def test_batch_metrics_leave_padding_out():
 def test_implementation_choices_are_recipe_fields():
     recipe = get_recipe("final")
     assert (recipe.conv_impl, recipe.dropout_impl) == ("auto", "fused")
-    assert make_model(recipe, "cpu").conv_impl == "im2col" and make_model(recipe, "gpu").conv_impl == "xla"
+    cpu = "onednn" if onednn.available() else "im2col"
+    assert make_model(recipe, "cpu").conv_impl == cpu and make_model(recipe, "gpu").conv_impl == "xla"
     other = make_model(with_overrides(recipe, {"conv_impl": "xla", "dropout_impl": "flax"}), "cpu")
     assert (other.conv_impl, other.dropout_impl) == ("xla", "flax")
-    with pytest.raises(ConfigError, match="conv_impl must be auto, im2col or xla, found 'fft'"):
+    with pytest.raises(ConfigError, match="conv_impl must be auto, im2col, onednn or xla, found 'fft'"):
         with_overrides(recipe, {"conv_impl": "fft"})
     with pytest.raises(ConfigError, match="dropout_impl must be fused or flax, found 'numpy'"):
         with_overrides(recipe, {"dropout_impl": "numpy"})

@@ -17,6 +17,7 @@ LAYERS = [
     # pure math and the data: no network, no run
     {
         "layers",
+        "onednn",
         "dropout",
         "augment",
         "augment_grid",

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_mnist import onednn
 from jax_mnist.errors import ConfigError
 from jax_mnist.models import (
     MODEL_NAMES,
@@ -216,11 +217,14 @@ def test_count_params_ignores_batch_stats():
 
 def test_unknown_conv_impl_is_refused(test_batch):
     model = get_model("model_3_lighter_model", conv_impl="fft")
-    with pytest.raises(ConfigError, match="conv_impl must be auto or one of im2col, xla, found 'fft'"):
+    message = "conv_impl must be auto or one of im2col, onednn, xla, found 'fft'"
+    with pytest.raises(ConfigError, match=message):
         model.init(jax.random.key(0), test_batch[:1])
 
 
-def test_auto_conv_impl_is_im2col_on_cpu_and_xla_elsewhere():
-    assert resolve_conv_impl("auto", "cpu") == "im2col"
+def test_auto_conv_impl_is_onednn_on_cpu_where_built_and_xla_elsewhere():
+    assert resolve_conv_impl("auto", "cpu") == ("onednn" if onednn.available() else "im2col")
     assert resolve_conv_impl("auto", "gpu") == resolve_conv_impl("auto", "tpu") == "xla"
     assert resolve_conv_impl("xla", "cpu") == "xla" and resolve_conv_impl("im2col", "gpu") == "im2col"
+    with pytest.raises(ConfigError, match="conv_impl 'onednn' runs on the CPU only, not on gpu"):
+        resolve_conv_impl("onednn", "gpu")

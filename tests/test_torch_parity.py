@@ -22,7 +22,7 @@ def _torch_logp(model, batch_nhwc, train):
         return model(torch.from_numpy(batch_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
 
 
-@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+@pytest.mark.parametrize("conv_impl", ["im2col", "onednn", "xla"])
 @pytest.mark.parametrize(
     "name",
     # These compile for seconds each here: slow tier (models 5-8 keep parity in the fast loop).
@@ -108,8 +108,9 @@ def test_max_pool_values_and_gradient_match_pytorch_with_ties():
 
 
 @pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
+@pytest.mark.parametrize("conv_impl", ["im2col", "onednn"])
 @pytest.mark.parametrize("name", ["model_5_regularization", "model_8_dropout_maxpool"])
-def test_gradients_match_pytorch(name, test_batch):
+def test_gradients_match_pytorch(name, conv_impl, test_batch):
     """Loss gradients of every parameter (train-mode BN, dropout off) agree with PyTorch's backward."""
     import jax
     import jax.numpy as jnp
@@ -127,7 +128,7 @@ def test_gradients_match_pytorch(name, test_batch):
     expected = load_torch_state_dict(name, {**reference.state_dict(), **torch_grads})["params"]
 
     variables = load_torch_state_dict(name, reference.state_dict())
-    model = get_model(name, dropout_rate=0.0)
+    model = get_model(name, dropout_rate=0.0, conv_impl=conv_impl)
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, test_batch, train=True, mutable=["batch_stats"])
