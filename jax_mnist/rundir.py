@@ -565,6 +565,25 @@ class RunDir:
         """The newest committed epoch (None: none yet)."""
         return max(self.last.epochs(), default=None) if self.local else None
 
+    def _note_another_lowering(self, previous: dict, identity: dict, epoch: int) -> None:
+        """Says so when the epochs done ran with other convolutions than this process will (conv_impl
+        "auto" resolves by what is installed): the same function, not the same bits."""
+        recorded = previous.get("device") or {}
+        # Before 0.3.0 config.json did not record it, and "auto" was im2col on CPU, XLA elsewhere.
+        was = recorded.get("conv_impl") or (
+            previous["recipe"].get("conv_impl", "auto")
+            if previous["recipe"].get("conv_impl", "auto") != "auto"
+            else ("im2col" if recorded.get("platform", "cpu") == "cpu" else "xla")
+        )
+        now = device(identity["recipe"]["conv_impl"])["conv_impl"]
+        if was != now:
+            pin = " (JAX_MNIST_ONEDNN=0 makes conv_impl auto take im2col)" if was == "im2col" else ""
+            self.log(
+                f"note: epochs 1-{epoch} of {self.out} ran with {was} convolutions, the rest runs with "
+                f"{now}: the same function in another rounding, so not bit-equal to an uninterrupted "
+                f"run{pin}"
+            )
+
     def _resume(self, previous: dict, identity: dict, like) -> None:
         """Continue from the newest checkpoint that restores and verifies. Those after it are moved
         to ``quarantine/`` (never deleted); a checkpoint that does not fit the code stops the run
@@ -605,6 +624,8 @@ class RunDir:
             moved[bad] = self.last.move_aside(bad, why)
             self.log(f"warning: {why}; moved to {moved[bad]}; continuing from the checkpoint before it")
         self.start_epoch, self.state, self.history = epoch, state, list(history)
+        if epoch:
+            self._note_another_lowering(previous, identity, epoch)
         if rows != history:  # a commit whose metrics.jsonl was not rewritten yet, or epochs to run again
             write_metrics(self.out / "metrics.jsonl", history)
         self._align_events(moved)

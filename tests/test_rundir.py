@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jax_mnist
-from jax_mnist import checkpoints, rundir
+from jax_mnist import checkpoints, onednn, rundir
 from jax_mnist.checkpoints import TreeMismatch
 from jax_mnist.cli import main
 from jax_mnist.files import WriteError, write_atomically
@@ -141,6 +141,29 @@ def test_a_finished_step_lr_run_extends_to_more_epochs(finished, mnist):
     extended = run(out, mnist, recipe={"epochs": 4}, resume=True)
     assert numbers(extended[:3]) == numbers(history) and [r["epoch"] for r in extended] == [1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 4
+
+
+def test_config_records_the_lowering_and_a_resume_under_another_says_so(finished, mnist):
+    """config.json's device.conv_impl is what "auto" resolved to; a run whose epochs ran with
+    other convolutions (here: as jax-mnist 0.2.0 wrote it, without the field, when "auto" was
+    im2col on CPU) continues, and the log says the two parts differ in rounding."""
+    out, _ = finished
+    config = json.loads((out / "config.json").read_text())
+    now = "onednn" if onednn.available() else "im2col"
+    assert config["device"]["conv_impl"] == now
+    del config["device"]["conv_impl"]
+    (out / "config.json").write_text(json.dumps(config))
+    logged = []
+    run(out, mnist, recipe={"epochs": 4}, resume=True, log=logged.append)
+    notes = [line for line in logged if line.startswith("note: epochs 1-3")]
+    if now == "im2col":
+        assert notes == []
+    else:
+        assert notes == [
+            f"note: epochs 1-3 of {out} ran with im2col convolutions, the rest runs with onednn: the "
+            "same function in another rounding, so not bit-equal to an uninterrupted run "
+            "(JAX_MNIST_ONEDNN=0 makes conv_impl auto take im2col)"
+        ]
 
 
 @pytest.mark.slow  # compiles or trains: seconds on the 2-core CPU
