@@ -5,4 +5,4 @@ scripts call ``jax_mnist.host_memory.apply_from_env()`` first (it keeps XLA:CPU'
 buffers mapped); a library user may call it too, before JAX starts its CPU backend.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -15,7 +15,10 @@ from jax_mnist.recipes import get_recipe, with_overrides
 from jax_mnist.engine import ProgramConfig, programs_for
 from jax_mnist.run import evaluate_seeds, train_epoch
 assert jax.device_count() == 2, jax.devices()
-recipe = with_overrides(get_recipe("final"), {"batch_size": 128, "eval_batch_size": 256})
+# im2col on both: what "auto" takes on several CPU devices (one would take oneDNN's kernels).
+recipe = with_overrides(
+    get_recipe("final"), {"batch_size": 128, "eval_batch_size": 256, "conv_impl": "im2col"}
+)
 rng = np.random.default_rng(0)
 n = 300  # two full batches of 128 and a short one of 44
 images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
@@ -53,7 +56,7 @@ assert jax.device_count() == 2, jax.devices()
 # Split seeds run vmap; so does the one-device reference here. No rotation: its nearest-neighbour
 # pixels make exact ties that vmap's regrouped sums break differently (README, "Several seeds").
 recipe = with_overrides(get_recipe("final"), {"batch_size": 128, "eval_batch_size": 256, "augment": "none",
-                                              "seed_axis": "vmap"})
+                                              "seed_axis": "vmap", "conv_impl": "im2col"})
 rng = np.random.default_rng(0)
 n = 300
 images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)

@@ -39,8 +39,10 @@ def assert_same_function(alone: list[dict], together: list[dict]) -> None:
         assert t["lr"] == a["lr"]
         assert abs(t["test_accuracy"] - a["test_accuracy"]) <= 0.05
         assert abs(t["train_accuracy"] - a["train_accuracy"]) <= 0.2  # 1,000 examples: 2 of them
-        assert t["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
-        assert t["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        # Two epochs of vmap's regrouped sums: under 1e-4 apart with im2col convolutions, 2.0e-4
+        # with oneDNN's (whose weight gradients round differently); a wrong seed is off by percents.
+        assert t["test_loss"] == pytest.approx(a["test_loss"], rel=5e-4)
+        assert t["train_loss"] == pytest.approx(a["train_loss"], rel=5e-4)
 
 
 def test_each_seed_computes_its_single_seed_run(multi_run, single_runs):
