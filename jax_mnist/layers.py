@@ -126,8 +126,25 @@ def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-# "onednn": oneDNN's kernels through jax.ffi (jax_mnist.onednn), CPU only, where they were built.
-CONV_IMPLS = {"im2col": conv_im2col, "onednn": onednn.conv_onednn, "xla": conv_xla}
+# Inputs wider than this run im2col under conv_impl "onednn": measured per layer and pass
+# (scripts/profile_layers.py, docs/benchmarks.md), oneDNN's kernels on JAX's NHWC layout win every
+# layer of up to 128 input channels (model 1's 32 -> 64 to 128 -> 256 included) and lose model 1's
+# 256 -> 512 and 512 -> 1024 layers, where im2col's one large matmul is faster.
+ONEDNN_MAX_IN_CHANNELS = 128
+
+
+def conv_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """oneDNN's kernels (``jax_mnist.onednn``) where they measured faster than im2col, im2col
+    where not: a kernel as large as its input (one plain matmul) or an input of more than
+    ``ONEDNN_MAX_IN_CHANNELS`` channels."""
+    kh, kw, cin, _ = kernel.shape
+    if (kh, kw) == x.shape[1:3] or cin > ONEDNN_MAX_IN_CHANNELS:
+        return conv_im2col(x, kernel)
+    return onednn.conv_onednn(x, kernel)
+
+
+# "onednn": oneDNN's kernels through jax.ffi, CPU only, where they were built (resolve_conv_impl).
+CONV_IMPLS = {"im2col": conv_im2col, "onednn": conv_onednn, "xla": conv_xla}
 
 
 class Conv(nn.Module):

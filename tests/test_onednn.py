@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jax_mnist import onednn
-from jax_mnist.layers import conv_im2col
+from jax_mnist.layers import CONV_IMPLS, conv_im2col
 
 # Where pip builds the kernels (setup.py); JAX_MNIST_ONEDNN=0 turns them off on purpose.
 BUILT_HERE = platform.system() == "Linux" and platform.machine() == "x86_64"
@@ -147,3 +147,20 @@ def test_without_the_kernels_auto_is_im2col_and_onednn_says_why():
         "conv_impl 'onednn' is unavailable here: turned off by JAX_MNIST_ONEDNN=0",
         "(2, 10)",
     ]
+
+
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,kernels_run",
+    [
+        ((2, 16, 16, 128), (3, 3, 128, 256), True),  # model 1's conv4: oneDNN measured faster
+        ((2, 9, 9, 256), (3, 3, 256, 512), False),  # model 1's conv5: im2col measured faster
+        ((2, 3, 3, 16), (3, 3, 16, 10), False),  # a kernel as large as its input: one matmul
+    ],
+)
+def test_conv_impl_onednn_runs_the_kernels_where_they_measured_faster(
+    kernels, x_shape, kernel_shape, kernels_run
+):
+    text = jax.jit(CONV_IMPLS["onednn"]).lower(
+        np.zeros(x_shape, np.float32), np.zeros(kernel_shape, np.float32)
+    )
+    assert ("jax_mnist_conv_forward" in text.as_text()) == kernels_run
