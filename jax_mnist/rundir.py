@@ -454,7 +454,8 @@ def load_teacher(recipe: Recipe, platform: str) -> Teacher | None:
         "validation": run.validation,
         "weights_sha256": weights_digest(variables),
     }
-    return Teacher(make_model(run.recipe, platform), variables, record)
+    # Lowered for all devices, as the programs that run it are (several CPU devices: im2col).
+    return Teacher(make_model(run.recipe, platform, jax.device_count()), variables, record)
 
 
 # --------------------------------------------------------------------------- the writer

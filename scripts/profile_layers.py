@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from jax_mnist import onednn  # noqa: E402
 from jax_mnist.dropout import Dropout  # noqa: E402
 from jax_mnist.layers import CONV_IMPLS, batch_norm_train, max_pool_2x2  # noqa: E402
 from jax_mnist.summary import summarize  # noqa: E402
@@ -57,7 +58,9 @@ def conv_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return total
 
 
-LOWERINGS = {**CONV_IMPLS, "taps": conv_taps}
+# "onednn" is oneDNN's kernels on every layer (conv_impl "onednn" runs im2col on the layers where
+# these figures have im2col faster: jax_mnist.layers.ONEDNN_MAX_IN_CHANNELS).
+LOWERINGS = {**CONV_IMPLS, "onednn": onednn.conv_onednn, "taps": conv_taps}
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -142,7 +142,8 @@ def test_gradients_match_pytorch(name, conv_impl, test_batch):
         # float32 sums over 64 images x every position, in another order: compare to the tensor's scale
         scale = float(np.abs(np.asarray(want)).max())
         error = float(np.abs(np.asarray(g) - np.asarray(want)).max())
-        print(f"{name} {jax.tree_util.keystr(path)}: max |grad| {scale:.3g}, max |diff| {error:.2e}")
+        where = f"{name} ({conv_impl}) {jax.tree_util.keystr(path)}"
+        print(f"{where}: max |grad| {scale:.3g}, max |diff| {error:.2e}")
         assert error <= 5e-4 * scale, (jax.tree_util.keystr(path), error, scale)
 
 
