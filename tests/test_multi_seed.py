@@ -39,10 +39,8 @@ def assert_same_function(alone: list[dict], together: list[dict]) -> None:
         assert t["lr"] == a["lr"]
         assert abs(t["test_accuracy"] - a["test_accuracy"]) <= 0.05
         assert abs(t["train_accuracy"] - a["train_accuracy"]) <= 0.2  # 1,000 examples: 2 of them
-        # Two epochs of vmap's regrouped sums: under 1e-4 apart with im2col convolutions, 2.0e-4
-        # with oneDNN's (whose weight gradients round differently); a wrong seed is off by percents.
-        assert t["test_loss"] == pytest.approx(a["test_loss"], rel=5e-4)
-        assert t["train_loss"] == pytest.approx(a["train_loss"], rel=5e-4)
+        assert t["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+        assert t["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
 
 def test_each_seed_computes_its_single_seed_run(multi_run, single_runs):
@@ -101,7 +99,10 @@ def test_vmapped_seeds_compute_their_single_seed_runs(mnist):
     """
     import jax.numpy as jnp
 
-    recipe = small_recipe(seed_axis="vmap")
+    # im2col convolutions: vmap's regrouping is what is measured here. With oneDNN's kernels (each
+    # seed's convolutions bitwise its own, tests/test_onednn.py) the other layers' regrouped sums
+    # grew to 2.0e-4 in the losses and 0.31 points of test accuracy over the two epochs below.
+    recipe = small_recipe(seed_axis="vmap", conv_impl="im2col")
     train_set = programs(recipe, 1).place_data((mnist.train_images[:SUBSET], mnist.train_labels[:SUBSET]))
     first, last = jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32)  # one step (see the docstring)
     results = {}
@@ -117,7 +118,7 @@ def test_vmapped_seeds_compute_their_single_seed_runs(mnist):
         for a, t in zip(jax.tree_util.tree_leaves(alone.params), jax.tree_util.tree_leaves(together.params)):
             np.testing.assert_allclose(np.asarray(t[index]), np.asarray(a[0]), rtol=1e-5, atol=1e-6)
 
-    plain = small_recipe(seed_axis="vmap", augment="none", dropout_rate=0.0, epochs=2)
+    plain = small_recipe(seed_axis="vmap", augment="none", dropout_rate=0.0, epochs=2, conv_impl="im2col")
     test_set = programs(plain, 1).place_data((mnist.test_images, mnist.test_labels))
     together = epoch_metrics(plain, train_set, test_set, list(SEEDS))
     for index, seed in enumerate(SEEDS):
