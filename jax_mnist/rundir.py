@@ -570,12 +570,10 @@ class RunDir:
         """Says so when the epochs done ran with other convolutions than this process will (conv_impl
         "auto" resolves by what is installed): the same function, not the same bits."""
         recorded = previous.get("device") or {}
+        asked = previous["recipe"].get("conv_impl", "auto")
         # Before 0.3.0 config.json did not record it, and "auto" was im2col on CPU, XLA elsewhere.
-        was = recorded.get("conv_impl") or (
-            previous["recipe"].get("conv_impl", "auto")
-            if previous["recipe"].get("conv_impl", "auto") != "auto"
-            else ("im2col" if recorded.get("platform", "cpu") == "cpu" else "xla")
-        )
+        auto_then = "im2col" if recorded.get("platform", "cpu") == "cpu" else "xla"
+        was = recorded.get("conv_impl") or (auto_then if asked == "auto" else asked)
         now = device(identity["recipe"]["conv_impl"])["conv_impl"]
         if was != now:
             pin = " (JAX_MNIST_ONEDNN=0 makes conv_impl auto take im2col)" if was == "im2col" else ""
