@@ -32,7 +32,7 @@ TARGETS = {
     "input_grad": "JaxMnistConvInputGrad",
     "weight_grad": "JaxMnistConvWeightGrad",
 }
-PASSES = ("forward", "input_grad", "weight_grad")
+PASSES = tuple(TARGETS)  # in the kernels' pass numbering: 0, 1, 2
 
 
 def kernel_library() -> Path | None:
@@ -96,11 +96,17 @@ def why_unavailable() -> str:
     return _load()[1]
 
 
-def kernel_names(x_shape: tuple, kernel_shape: tuple) -> dict[str, str]:
-    """Which oneDNN kernel each pass runs for these shapes (e.g. ``brgconv:avx2``): what was measured."""
+def _library() -> ctypes.CDLL:
+    """The loaded kernels (registered with XLA:CPU), or a RuntimeError saying why there are none."""
     library, reason = _load()
     if library is None:
         raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")
+    return library
+
+
+def kernel_names(x_shape: tuple, kernel_shape: tuple) -> dict[str, str]:
+    """Which oneDNN kernel each pass runs for these shapes (e.g. ``brgconv:avx2``): what was measured."""
+    library = _library()
     n, h, w, cin = x_shape
     kh, kw, _, cout = kernel_shape
     return {
@@ -109,8 +115,7 @@ def kernel_names(x_shape: tuple, kernel_shape: tuple) -> dict[str, str]:
 
 
 def _call(name: str, shape: tuple, *operands: jax.Array) -> jax.Array:
-    if not available():  # registers the kernels on first use
-        raise RuntimeError(f"oneDNN convolutions unavailable: {why_unavailable()}")
+    _library()  # registers the kernels on first use
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(f"jax_mnist_conv_{name}", out, vmap_method="sequential")(*operands)
 
