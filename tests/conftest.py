@@ -6,6 +6,7 @@ run (``TRAINING_FIXTURES``); ``python -m pytest -q -m "not slow"`` is the fast l
 command runs both tiers.
 """
 
+import fcntl
 import gzip
 import os
 import shutil
@@ -67,16 +68,20 @@ def mnist_data_dir(mnist_files) -> Path:
     """A tfds data dir prepared from the official files, once, and kept for later test runs.
 
     Prepared in a temporary directory and renamed into place, so an interrupted run leaves no
-    half-prepared cache; ``load_mnist`` checks its decoded arrays against their digest on load."""
+    half-prepared cache; ``load_mnist`` checks its decoded arrays against their digest on load.
+    Under a file lock: the full suite's workers (pytest -n 2) start at once, and the second must
+    wait for the first's cache, not replace it while the first reads it."""
     from jax_mnist.data import load_mnist
 
     data_dir = TEST_CACHE / "tfds"
-    if not (data_dir / "mnist" / "3.0.1" / "jax_mnist_arrays.npz").exists():
-        TEST_CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=TEST_CACHE, prefix="tfds-"))
-        load_mnist(staging, mnist_files, download=False)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        os.rename(staging, data_dir)
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TEST_CACHE / "prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (data_dir / "mnist" / "3.0.1" / "jax_mnist_arrays.npz").exists():
+            staging = Path(tempfile.mkdtemp(dir=TEST_CACHE, prefix="tfds-"))
+            load_mnist(staging, mnist_files, download=False)
+            shutil.rmtree(data_dir, ignore_errors=True)
+            os.rename(staging, data_dir)
     return data_dir
 
 

@@ -63,19 +63,24 @@ def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tupl
     return results
 
 
-# Gloo's connection messages, written by its own threads: two ranks of one process can
-# interleave theirs mid-line ("[Gloo] Rank [Gloo] Rank 2 is connected ...\n3 is connected ...",
-# or, seen in CI, "[Gloo] Rank \n2\n is connected ...": a line break between the rank and the rest).
-GLOO_MESSAGE = re.compile(
-    r"\[Gloo\] Rank\s*"
-    r"|\d+\s*is connected to \d+ peer ranks\.\s*Expected number of connected peer ranks is : \d+"
+# Gloo's connection messages ("[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of
+# connected peer ranks is : 3"), written by its own threads a piece at a time: two ranks of one
+# process interleave the pieces anywhere between them (seen in CI: "[Gloo] Rank [Gloo] Rank 2 is
+# ...", "[Gloo] Rank \n2\n is connected ...", "... peer ranks is : \n3"). So each fixed piece is
+# removed on its own, and then the lines left holding only numbers (the ranks and counts).
+GLOO_PIECES = re.compile(
+    r"\[Gloo\] Rank|is connected to|peer ranks\.|Expected number of connected peer ranks is :"
 )
 
 
 def own_lines(output: str) -> list[str]:
     """The lines of a process's stdout that are not Gloo's (its other "[Gloo] ..." lines too)."""
-    lines = GLOO_MESSAGE.sub("", output).splitlines()
-    return [line for line in lines if line.strip() and not line.startswith("[Gloo]")]
+    lines = GLOO_PIECES.sub("", output).splitlines()
+    return [
+        line
+        for line in lines
+        if line.strip() and not line.startswith("[Gloo]") and not re.fullmatch(r"[\d\s]+", line)
+    ]
 
 
 def rows(run_dir) -> list[dict]:
