@@ -51,7 +51,9 @@ dnnl::convolution_forward::primitive_desc forward_pd(const Shapes& s) {
 // 2 weight gradient.
 struct Plan {
   dnnl::primitive conv;
-  memory::desc a_md, b_md, c_md;  // the primitive's own layouts of its two inputs and output
+  memory::desc a_plain, b_plain, c_plain;  // JAX's layouts of its two inputs and output
+  memory::desc a_md, b_md, c_md;           // the primitive's own layouts of them
+  int a_arg, b_arg, c_arg;                 // their oneDNN argument names
   std::string impl;
 };
 
@@ -67,6 +69,8 @@ std::shared_ptr<Plan> plan_for(int pass, const Shapes& s) {
   auto fwd = forward_pd(s);
   if (pass == 0) {
     plan->conv = dnnl::convolution_forward(fwd);
+    plan->a_plain = s.x_plain, plan->b_plain = s.w_plain, plan->c_plain = s.y_plain;
+    plan->a_arg = DNNL_ARG_SRC, plan->b_arg = DNNL_ARG_WEIGHTS, plan->c_arg = DNNL_ARG_DST;
     plan->a_md = fwd.src_desc();
     plan->b_md = fwd.weights_desc();
     plan->c_md = fwd.dst_desc();
@@ -78,6 +82,8 @@ std::shared_ptr<Plan> plan_for(int pass, const Shapes& s) {
     dnnl::convolution_backward_data::primitive_desc pd(cpu_engine(), dnnl::algorithm::convolution_direct,
                                                        dx, w, dy, {1, 1}, {0, 0}, {0, 0}, fwd);
     plan->conv = dnnl::convolution_backward_data(pd);
+    plan->a_plain = s.y_plain, plan->b_plain = s.w_plain, plan->c_plain = s.x_plain;
+    plan->a_arg = DNNL_ARG_DIFF_DST, plan->b_arg = DNNL_ARG_WEIGHTS, plan->c_arg = DNNL_ARG_DIFF_SRC;
     plan->a_md = pd.diff_dst_desc();
     plan->b_md = pd.weights_desc();
     plan->c_md = pd.diff_src_desc();
@@ -89,6 +95,8 @@ std::shared_ptr<Plan> plan_for(int pass, const Shapes& s) {
     dnnl::convolution_backward_weights::primitive_desc pd(
         cpu_engine(), dnnl::algorithm::convolution_direct, x, dw, dy, {1, 1}, {0, 0}, {0, 0}, fwd);
     plan->conv = dnnl::convolution_backward_weights(pd);
+    plan->a_plain = s.x_plain, plan->b_plain = s.y_plain, plan->c_plain = s.w_plain;
+    plan->a_arg = DNNL_ARG_SRC, plan->b_arg = DNNL_ARG_DIFF_DST, plan->c_arg = DNNL_ARG_DIFF_WEIGHTS;
     plan->a_md = pd.src_desc();
     plan->b_md = pd.diff_dst_desc();
     plan->c_md = pd.diff_weights_desc();
@@ -113,25 +121,14 @@ ffi::Error run(int pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
     return ffi::Error::InvalidArgument("jax_mnist oneDNN convolution: float32 only");
   try {
     auto plan = plan_for(pass, s);
+    const Plan& p = *plan;
     dnnl::stream strm(cpu_engine());
-    memory::desc a_plain, b_plain, c_plain;
-    int a_arg, b_arg, c_arg;
-    if (pass == 0) {
-      a_plain = s.x_plain, b_plain = s.w_plain, c_plain = s.y_plain;
-      a_arg = DNNL_ARG_SRC, b_arg = DNNL_ARG_WEIGHTS, c_arg = DNNL_ARG_DST;
-    } else if (pass == 1) {
-      a_plain = s.y_plain, b_plain = s.w_plain, c_plain = s.x_plain;
-      a_arg = DNNL_ARG_DIFF_DST, b_arg = DNNL_ARG_WEIGHTS, c_arg = DNNL_ARG_DIFF_SRC;
-    } else {
-      a_plain = s.x_plain, b_plain = s.y_plain, c_plain = s.w_plain;
-      a_arg = DNNL_ARG_SRC, b_arg = DNNL_ARG_DIFF_DST, c_arg = DNNL_ARG_DIFF_WEIGHTS;
-    }
-    memory a_m = as_layout(a_plain, a.untyped_data(), plan->a_md, strm);
-    memory b_m = as_layout(b_plain, b.untyped_data(), plan->b_md, strm);
-    memory c_user(c_plain, cpu_engine(), c->untyped_data());
-    memory c_m = plan->c_md == c_plain ? c_user : memory(plan->c_md, cpu_engine());
-    plan->conv.execute(strm, {{a_arg, a_m}, {b_arg, b_m}, {c_arg, c_m}});
-    if (!(plan->c_md == c_plain)) dnnl::reorder(c_m, c_user).execute(strm, c_m, c_user);
+    memory a_m = as_layout(p.a_plain, a.untyped_data(), p.a_md, strm);
+    memory b_m = as_layout(p.b_plain, b.untyped_data(), p.b_md, strm);
+    memory c_user(p.c_plain, cpu_engine(), c->untyped_data());
+    memory c_m = p.c_md == p.c_plain ? c_user : memory(p.c_md, cpu_engine());
+    p.conv.execute(strm, {{p.a_arg, a_m}, {p.b_arg, b_m}, {p.c_arg, c_m}});
+    if (!(p.c_md == p.c_plain)) dnnl::reorder(c_m, c_user).execute(strm, c_m, c_user);
     strm.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
