@@ -76,6 +76,20 @@ def test_parameter_count(name):
     assert parameter_count(name) == EXPECTED_PARAMS[name]
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 1, 4), (1, 1, 8, 10), (10,)])
+def test_the_init_draws_pytorchs_uniform_with_jax_randoms_numbers(shape):
+    """torch_uniform_init draws flat and reshapes (XLA:CPU compiles 4-D draws slowly): the same
+    numbers as jax.random.uniform of the shape itself, so runs keep their initial weights."""
+    from jax_mnist.layers import torch_uniform_init
+
+    key = jax.random.key(7)
+    fan_in = 9
+    drawn = torch_uniform_init(fan_in)(key, shape)
+    expected = jax.random.uniform(key, shape, jnp.float32, -(fan_in**-0.5), fan_in**-0.5)
+    assert drawn.shape == shape and drawn.dtype == jnp.float32
+    np.testing.assert_array_equal(drawn, expected)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_receptive_field_and_summary_totals(name):
     summary = summarize(name)
