@@ -26,7 +26,8 @@ def torch_uniform_init(fan_in: int) -> Callable:
     def init(key, shape, dtype=jnp.float32):
         # Drawn flat, then reshaped: the same numbers (Threefry counts elements in row-major
         # order; tested), but XLA:CPU compiles a 4-D draw such as (3, 3, 8, 10) for seconds
-        # (12 s for that one, 0.2 s flat), which made ours_5k's init compile for 17.5 s.
+        # (12 s for that one, 0.2 s flat), which made ours_5k's init compile for 16 s
+        # (scripts/compile_times.py --init).
         return jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound).reshape(shape)
 
     return init
